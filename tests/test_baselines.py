@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.baselines import CopyFirstFrame, FarnebackFlow
 from scripts.metrics import region_j
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.metrics import aggregate, boundary_f, boundary_map, boundary_radius, region_j, score_sequence
 
 
@@ -124,7 +123,7 @@ def test_score_sequence_conventions():
 
 
 def test_aggregate_is_mean_over_objects():
-    a, b = square(), square(left=3)
+    a = square()
     two = a.copy()
     two[7:9, 7:9] = 2
     seq_two = score_sequence([two, two], [two, two])  # two perfect objects

@@ -1,7 +1,7 @@
 """Sequences and clip sampling for training: splits, frame gaps, augmentation applied identically to a clip.
 
-Data roots use the DAVIS layout (``<root>/JPEGImages/<seq>/*.jpg``, ``<root>/Annotations/<seq>/*.png``); the dataset name
-is the root's folder name, so sequences are keyed ``"<dataset>/<sequence>"`` in ``configs/splits.json``.
+Data roots use the DAVIS layout (``<root>/JPEGImages/<seq>/*.jpg``, ``<root>/Annotations/<seq>/*.png``); the
+dataset name is the root's folder name, so sequences are keyed ``"<dataset>/<sequence>"`` in ``configs/splits.json``.
 
 The shipped split (``configs/splits.json``) holds out whole sequences, never frames of one sequence, so validation
 measures propagation on unseen videos:
@@ -40,6 +40,8 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 from PIL import Image
+
+from .io import InputError
 
 __all__ = [
     "DEFAULT_SPLIT_FILE",
@@ -81,12 +83,12 @@ def load_split(path: str | Path) -> dict[str, str]:
     try:
         split = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read split file ({e})") from e
+        raise InputError(f"{path}: cannot read split file ({e})") from e
     if not isinstance(split, dict):
-        raise ValueError(f"{path}: split file must be a JSON object mapping '<dataset>/<sequence>' to train|val")
+        raise InputError(f"{path}: split file must be a JSON object mapping '<dataset>/<sequence>' to train|val")
     bad = {k: v for k, v in split.items() if "/" not in k or v not in SPLITS}
     if bad:
-        raise ValueError(f"{path}: entries must map '<dataset>/<sequence>' to one of {SPLITS}, got {bad}")
+        raise InputError(f"{path}: entries must map '<dataset>/<sequence>' to one of {SPLITS}, got {bad}")
     return split
 
 
@@ -95,19 +97,19 @@ def _scan_root(root: Path) -> list[Sequence]:
     images, annotations = root / "JPEGImages", root / "Annotations"
     for folder in (images, annotations):
         if not folder.is_dir():
-            raise ValueError(f"{folder}: missing; a data root needs JPEGImages/ and Annotations/ (DAVIS layout)")
+            raise InputError(f"{folder}: missing; a data root needs JPEGImages/ and Annotations/ (DAVIS layout)")
     sequences = []
     for seq_dir in sorted(p for p in images.iterdir() if p.is_dir()):
         frames = sorted(p for p in seq_dir.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
         if not frames:
-            raise ValueError(f"{seq_dir}: sequence has no frames ({'/'.join(FRAME_SUFFIXES)})")
+            raise InputError(f"{seq_dir}: sequence has no frames ({'/'.join(FRAME_SUFFIXES)})")
         masks = [annotations / seq_dir.name / f"{f.stem}.png" for f in frames]
         for frame, mask in zip(frames, masks):
             if not mask.is_file():
-                raise ValueError(f"{mask}: label map missing for frame {frame}")
+                raise InputError(f"{mask}: label map missing for frame {frame}")
         sequences.append(Sequence(root.name, seq_dir.name, frames, masks))
     if not sequences:
-        raise ValueError(f"{images}: no sequence folders")
+        raise InputError(f"{images}: no sequence folders")
     return sequences
 
 
@@ -238,13 +240,15 @@ class ClipDataset(torch.utils.data.Dataset):
     """Random training clips: ``num_frames`` frames of one sequence with up to ``max_objects`` objects.
 
     Each dataset gets an equal share of clips whatever its number of sequences, then sequences are drawn uniformly.
-    Item ``i`` draws all its randomness from ``(seed, epoch, i)``: the same triple gives the same clip, and DataLoader
-    workers, which receive different indices, never repeat each other. A training handler sets ``epoch`` (so
-    epochs differ) and ``max_gap`` (the gap curriculum) at each epoch start; with ``persistent_workers`` these
-    changes would not reach the workers.
+    Item ``i`` draws all its randomness from ``(seed, i)``: the same pair gives the same clip, and DataLoader workers,
+    which receive different indices, never repeat each other. Any ``i >= 0`` is valid, not only ``i < len``, so a
+    sampler that offsets indices by ``epoch × len`` (``scripts.training.ResumableSampler``) gets new clips each epoch.
+    ``max_gap`` is read at every item so a handler can change it per epoch (the gap curriculum); with
+    ``persistent_workers`` that change would not reach the workers.
 
     ``cache`` keeps decoded frames in memory (about 0.5 GB for cvc_clinicdb + vocalfolds, per worker process),
-    since JPEG decoding dominates the cost of a clip.
+    since JPEG decoding dominates the cost of a clip. ``transforms`` (e.g. from a config) replaces
+    ``make_clip_transforms(crop_size, augment)`` and gets the same stacked dictionary.
     """
 
     def __init__(
@@ -269,7 +273,7 @@ class ClipDataset(torch.utils.data.Dataset):
             self.by_dataset.setdefault(s.dataset, []).append(s)
         self.datasets = sorted(self.by_dataset)
         self.num_frames, self.max_gap, self.max_objects = num_frames, max_gap, max_objects
-        self.samples_per_epoch, self.seed, self.epoch = samples_per_epoch, seed, 0
+        self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.transforms = transforms or make_clip_transforms(crop_size, augment)
         self.cache: dict[Path, np.ndarray] | None = {} if cache else None
 
@@ -283,13 +287,13 @@ class ClipDataset(torch.utils.data.Dataset):
         with Image.open(path) as im:
             array = np.asarray(im if label else im.convert("RGB"))
         if label and (array.ndim != 2 or array.dtype != np.uint8):
-            raise ValueError(f"{path}: label map must be single-channel uint8, got {array.dtype} {array.shape}")
+            raise InputError(f"{path}: label map must be single-channel uint8, got {array.dtype} {array.shape}")
         if self.cache is not None:
             self.cache[path] = array
         return array
 
     def _frame_indices(self, rng: np.random.Generator, length: int) -> np.ndarray:
-        """Frame indices in temporal order with gaps in [1, max_gap] (fewer frames than needed: repeats), maybe reversed."""
+        """Frame indices in order with gaps in [1, max_gap], reversed with p=0.5; short sequences repeat frames."""
         t = self.num_frames
         if length < t:
             indices = np.sort(rng.integers(0, length, t))
@@ -301,46 +305,45 @@ class ClipDataset(torch.utils.data.Dataset):
         return indices[::-1].copy() if rng.random() < 0.5 else indices
 
     def _augment(
-        self, rng: np.random.Generator, image: torch.Tensor, label: torch.Tensor, num_objects: int
+        self, image: torch.Tensor, label: torch.Tensor, objects: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Transform the stacked clip, retrying crops that lose objects in the first frame; drop those still lost."""
+        """Transform the stacked clip, retrying crops that lose objects in the first frame; drop those still lost.
+
+        Labels stay unmapped until after the transforms so the first-frame check is a bincount on the small crop.
+        """
         for _ in range(CROP_TRIES):
-            self.transforms.set_random_state(seed=int(rng.integers(2**31)))
             out = self.transforms({"image": image, "label": label})
             out_label = convert_to_tensor(out["label"], track_meta=False).round().long()
-            present = torch.unique(out_label[0])
-            present = present[present > 0]
-            if len(present) == num_objects:
+            counts = torch.bincount(out_label[0].flatten(), minlength=256)
+            present = [k for k in objects if counts[k] > 0]
+            if len(present) == len(objects):
                 break
-        lut = torch.zeros(num_objects + 1, dtype=torch.long)
+        lut = torch.zeros(256, dtype=torch.long)
         lut[present] = torch.arange(1, len(present) + 1)
         return convert_to_tensor(out["image"], track_meta=False), lut[out_label], len(present)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"clip index {index} out of range [0, {len(self)})")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if index < 0:
+            raise IndexError(f"clip index must be >= 0, got {index}")
+        rng = np.random.default_rng([self.seed, index])
+        self.transforms.set_random_state(seed=int(rng.integers(2**31)))
         for _ in range(CLIP_TRIES):
             sequences = self.by_dataset[self.datasets[rng.integers(len(self.datasets))]]
             seq = sequences[rng.integers(len(sequences))]
             indices = self._frame_indices(rng, len(seq.frames))
             labels = np.stack([self._read(seq.masks[i], label=True) for i in indices])
-            objects = np.unique(labels[0])
-            objects = objects[objects > 0]
+            objects = np.flatnonzero(np.bincount(labels[0].ravel(), minlength=256)[1:]) + 1
             if not len(objects):
                 continue
-            chosen = rng.permutation(objects)[: self.max_objects]
-            lut = np.zeros(256, dtype=np.uint8)
-            lut[chosen] = np.arange(1, len(chosen) + 1)
             frames = np.stack([self._read(seq.frames[i], label=False) for i in indices])
             if frames.shape[1:3] != labels.shape[1:]:
-                raise ValueError(
+                raise InputError(
                     f"{seq.key}: frame size {frames.shape[1:3]} differs from label size {labels.shape[1:]}"
                 )
             t, h, w, _ = frames.shape
             image = torch.from_numpy(frames).permute(0, 3, 1, 2).reshape(3 * t, h, w).float().div_(255)
-            label = torch.from_numpy(lut[labels]).float()
-            image, label, num_objects = self._augment(rng, image, label, len(chosen))
+            chosen = rng.permutation(objects)[: self.max_objects]
+            image, label, num_objects = self._augment(image, torch.from_numpy(labels).float(), chosen)
             if num_objects:
                 size = image.shape[-2:]
                 return {

@@ -54,6 +54,8 @@ class InputError(ValueError):
 
 @dataclass
 class VideoInfo:
+    """What every consumer needs to know about a video without reading its frames."""
+
     path: str
     kind: str  # frames|nifti|video|dicom|synthetic
     num_frames: int
@@ -138,8 +140,10 @@ class FrameFolderSource(VideoSource):
         sizes = [self._size(f) for f in self.files]  # headers only: catches unreadable and odd-sized frames early
         for f, size in zip(self.files, sizes):
             if size != sizes[0]:
-                raise InputError(f"{f}: frame is {size[1]}×{size[0]} (H×W) but {self.files[0].name} is "
-                                 f"{sizes[0][1]}×{sizes[0][0]}")
+                raise InputError(
+                    f"{f}: frame is {size[1]}×{size[0]} (H×W) but {self.files[0].name} is "
+                    f"{sizes[0][1]}×{sizes[0][0]}"
+                )
         self.info = pixel_info(str(path), "frames", len(self.files), sizes[0][1], sizes[0][0], None)
 
     @staticmethod
@@ -184,8 +188,10 @@ class _NiftiSeries:
         elif len(shape) == 4 and shape[3] == 3 and not self.rgb_dtype:
             self.channels = True
         elif len(shape) != 3:
-            raise InputError(f"{path}: array of shape {tuple(self.image.shape)} is not a 2D+t series; expected "
-                             "W×H×T, W×H×1×T or RGB W×H×T×3 (axes x, y, time)")
+            raise InputError(
+                f"{path}: array of shape {tuple(self.image.shape)} is not a 2D+t series; expected "
+                "W×H×T, W×H×1×T or RGB W×H×T×3 (axes x, y, time)"
+            )
         self.proxy = self.image.dataobj.reshape(shape)
         self.width, self.height, self.num_frames = shape[:3]
         self.is_rgb = self.rgb_dtype or self.channels
@@ -198,8 +204,9 @@ class _NiftiSeries:
         try:
             values = np.asanyarray(self.proxy[:, :, t0:t1])
         except _READ_ERRORS as err:
-            raise InputError(f"{self.path}: cannot read frames {t0}..{t1 - 1}, the file is truncated or corrupt "
-                             f"({err})") from err
+            raise InputError(
+                f"{self.path}: cannot read frames {t0}..{t1 - 1}, the file is truncated or corrupt ({err})"
+            ) from err
         if self.rgb_dtype:
             values = recfunctions.structured_to_unstructured(values)
         return np.ascontiguousarray(np.moveaxis(values, 2, 0).swapaxes(1, 2))
@@ -209,7 +216,7 @@ class _NiftiSeries:
         seconds = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(self.image.header.get_xyzt_units()[1])
         if not self.time_is_dim4 or seconds is None or self.image.header.get_zooms()[3] <= 0:
             return None
-        return 1.0 / (float(self.image.header.get_zooms()[3]) * seconds)
+        return round(1.0 / (float(self.image.header.get_zooms()[3]) * seconds), 4)  # pixdim is float32
 
 
 class NiftiSource(VideoSource):
@@ -218,7 +225,7 @@ class NiftiSource(VideoSource):
     def __init__(self, path: Path) -> None:
         self.series = s = _NiftiSeries(path)
         zooms = s.image.header.get_zooms()
-        spacing = (float(zooms[0]), float(zooms[1]) if len(zooms) > 1 else 1.0)
+        spacing = (float(zooms[0]), float(zooms[1]))
         self.info = VideoInfo(str(path), "nifti", s.num_frames, s.height, s.width, s.image.affine, spacing, s.fps())
         self.window = None
         if not s.exact:  # percentiles of a strided subsample, so opening stays lazy
@@ -244,19 +251,20 @@ class DicomSource(VideoSource):
         except _READ_ERRORS as err:
             raise InputError(f"{path}: unreadable DICOM ({err})") from err
         data = np.asarray(data)
-        rgb = data.ndim == 4 or (data.ndim == 3 and meta.get("0028|0002", "1").strip() == "3")
-        if data.ndim == 2 or (data.ndim == 3 and rgb):
+        rgb = meta.get("0028|0002", "1").strip() == "3" or (data.ndim == 4 and data.shape[-1] == 3)
+        if data.ndim == 2 + rgb:  # a single frame
             data = data[:, :, None]
-        if data.ndim not in (3, 4):
+        if data.ndim != 3 + rgb:
             raise InputError(f"{path}: DICOM array of shape {data.shape} is not a 2D+t cine")
         frames = np.moveaxis(data, 2, 0).swapaxes(1, 2)  # (x, y, t) -> t×H×W, the NIfTI convention
         window = None if frames.dtype == np.uint8 else _window(frames[:, ::4, ::4])
         self.frames = np.ascontiguousarray(_to_uint8(frames, window))
-        if self.frames.shape[0] == 0:
+        if len(self.frames) == 0:
             raise InputError(f"{path}: zero frames")
-        spacing = np.asarray(meta.get("spacing", (1.0, 1.0)), dtype=float)
-        self.info = VideoInfo(str(path), "dicom", *self.frames.shape[:3], np.asarray(meta["affine"], dtype=float),
-                              (float(spacing[0]), float(spacing[1])), _dicom_fps(meta))
+        spacing = tuple(float(s) for s in np.asarray(meta.get("spacing", (1.0, 1.0)), dtype=float)[:2])
+        affine = np.asarray(meta["affine"], dtype=float)
+        height, width = self.frames.shape[1:3]
+        self.info = VideoInfo(str(path), "dicom", len(self.frames), height, width, affine, spacing, _dicom_fps(meta))
 
     def _read(self, t: int) -> np.ndarray:
         return _rgb(self.frames[t])
@@ -300,8 +308,10 @@ class VideoFileSource(VideoSource):
             except av.FFmpegError as err:
                 raise InputError(f"{path}: video is truncated or corrupt after {len(pts)} frames ({err})") from err
             if stream.frames > len(pts):
-                raise InputError(f"{path}: video is truncated, its header declares {stream.frames} frames but only "
-                                 f"{len(pts)} are present")
+                raise InputError(
+                    f"{path}: video is truncated, its header declares {stream.frames} frames but only "
+                    f"{len(pts)} are present"
+                )
             if not pts:
                 raise InputError(f"{path}: zero frames")
             if None in pts:
@@ -327,8 +337,9 @@ class VideoFileSource(VideoSource):
                     yield frame.to_ndarray(format="rgb24")
                     count += 1
             except av.FFmpegError as err:
-                raise InputError(f"{self.path}: decoding failed at frame {count}, the video is truncated or corrupt "
-                                 f"({err})") from err
+                raise InputError(
+                    f"{self.path}: decoding failed at frame {count}, the video is truncated or corrupt ({err})"
+                ) from err
         if count < len(self):
             raise InputError(f"{self.path}: video is truncated, decoded {count} of {len(self)} frames")
 
@@ -362,8 +373,10 @@ class VideoFileSource(VideoSource):
         except StopIteration:
             return None
         except av.FFmpegError as err:
-            raise InputError(f"{self.path}: decoding failed near frame {self.next_index}, the video is truncated "
-                             f"or corrupt ({err})") from err
+            raise InputError(
+                f"{self.path}: decoding failed near frame {self.next_index}, the video is truncated "
+                f"or corrupt ({err})"
+            ) from err
         index = self.index_of[frame.pts]
         self.cache[index] = frame.to_ndarray(format="rgb24")
         if len(self.cache) > self.cache_frames:
@@ -393,15 +406,19 @@ def open_video(path: str | Path) -> VideoSource:
         return VideoFileSource(path)
     if suffix == ".dcm":
         return DicomSource(path)
-    raise InputError(f"{path}: unsupported video format {suffix!r}; use a frame folder, "
-                     f"{', '.join(NIFTI_SUFFIXES + VIDEO_SUFFIXES)} or .dcm")
+    raise InputError(
+        f"{path}: unsupported video format {suffix!r}; use a frame folder, "
+        f"{', '.join(NIFTI_SUFFIXES + VIDEO_SUFFIXES)} or .dcm"
+    )
 
 
 def _label_map(path: Path, values: np.ndarray, info: VideoInfo) -> np.ndarray:
     """Validate one label map against the video: size, integer labels in range, some foreground."""
     if values.shape != (info.height, info.width):
-        raise InputError(f"{path}: mask is {'×'.join(map(str, values.shape))} (H×W) but the frames of {info.path} "
-                         f"are {info.height}×{info.width}")
+        raise InputError(
+            f"{path}: mask is {'×'.join(map(str, values.shape))} (H×W) but the frames of {info.path} "
+            f"are {info.height}×{info.width}"
+        )
     if values.dtype.kind == "f":
         bad = ~np.isfinite(values) | (values != np.round(values))
         if bad.any():
@@ -427,8 +444,10 @@ def _read_png_labels(path: Path) -> np.ndarray:
         colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
         codes = {tuple(c): k for k, c in enumerate(PALETTE.tolist())}
         if any(tuple(c) not in codes for c in colours.tolist()):
-            raise InputError(f"{path}: colour mask with colours outside the DAVIS palette; save label maps as "
-                             "greyscale (L) or palette (P) PNGs holding the object numbers")
+            raise InputError(
+                f"{path}: colour mask with colours outside the DAVIS palette; save label maps as "
+                "greyscale (L) or palette (P) PNGs holding the object numbers"
+            )
         return np.asarray([codes[tuple(c)] for c in colours.tolist()], np.uint8)[inverse.ravel()].reshape(rgb.shape[:2])
     return values.astype(np.uint8) if values.dtype == bool else values
 
@@ -466,8 +485,9 @@ def read_annotations(
 
 def _frame_index(path: Path, t: int, info: VideoInfo) -> int:
     if not 0 <= t < info.num_frames:
-        raise InputError(f"{path}: annotated frame {t} is out of range, {info.path} has frames "
-                         f"0..{info.num_frames - 1}")
+        raise InputError(
+            f"{path}: annotated frame {t} is out of range, {info.path} has frames 0..{info.num_frames - 1}"
+        )
     return int(t)
 
 
@@ -546,8 +566,9 @@ def _series_image(frames: np.ndarray, affine: np.ndarray, fps: float | None) -> 
     return image
 
 
-def write_nifti_series(path: str | Path, frames: np.ndarray, affine: np.ndarray | None = None,
-                       fps: float | None = None) -> Path:
+def write_nifti_series(
+    path: str | Path, frames: np.ndarray, affine: np.ndarray | None = None, fps: float | None = None
+) -> Path:
     """Write ``T×H×W`` grey or ``T×H×W×3`` RGB frames as a NIfTI 2D+t series (the module's axis convention)."""
     nib.save(_series_image(np.asarray(frames), np.eye(4) if affine is None else affine, fps), str(path))
     return Path(path)
@@ -652,10 +673,13 @@ def _encoder(suffix: str) -> str:
     return "mpeg4"
 
 
-def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> Path:
+def write_video(
+    path: str | Path, frames: Iterable[np.ndarray], fps: float, keyframe_interval: int | None = None
+) -> Path:
     """Stream ``H×W×3`` uint8 frames into an MP4 (H.264, else MPEG-4) or AVI (MPEG-4) file, yuv420p.
 
-    Odd sizes are padded by one row/column (yuv420p needs even ones). MP4 puts its index first (faststart).
+    Odd sizes are padded by one row/column (yuv420p needs even ones). MP4 puts its index first (faststart). A
+    keyframe every ``keyframe_interval`` frames (default: every second) keeps seeking cheap.
     """
     path = Path(path)
     suffix = _suffix(path)
@@ -669,6 +693,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> P
                 height, width = frame.shape[0] + frame.shape[0] % 2, frame.shape[1] + frame.shape[1] % 2
                 stream = container.add_stream(_encoder(suffix), rate=Fraction(fps).limit_denominator(1001))
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                stream.codec_context.gop_size = keyframe_interval or max(1, round(fps))
                 if stream.codec_context.name == "libx264":
                     stream.options = {"crf": "17"}
                 else:

@@ -38,10 +38,22 @@ def softmax_weights(aff: torch.Tensor, top_k: int | None = None) -> torch.Tensor
 def read(
     mem_key: torch.Tensor, mem_value: torch.Tensor, query_key: torch.Tensor, top_k: int | None = None
 ) -> torch.Tensor:
-    """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M."""
-    weights = softmax_weights(affinity(mem_key, query_key), top_k)  # B×N×M
+    """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M.
+
+    With top_k < N only the k best memory positions of each query are gathered and summed, so the readout costs
+    k·M instead of N·M value reads (the dense path is kept for training, where gradients need every position).
+    """
+    aff = affinity(mem_key, query_key)  # B×N×M
     b, k, cv, n = mem_value.shape
-    return (mem_value.reshape(b, k * cv, n) @ weights).reshape(b, k, cv, -1)
+    values = mem_value.reshape(b, k * cv, n)
+    if top_k is None or top_k >= n:
+        return (values @ softmax_weights(aff)).reshape(b, k, cv, -1)
+    top, indices = torch.topk(aff, k=top_k, dim=1)  # B×k×M
+    weights = torch.softmax(top - top[:, :1], dim=1)
+    m = indices.shape[2]
+    gathered = torch.gather(values.transpose(1, 2), 1, indices.reshape(b, -1, 1).expand(-1, -1, k * cv))
+    out = (gathered.reshape(b, top_k, m, k * cv) * weights[..., None]).sum(1)  # B×M×(K·Cv)
+    return out.transpose(1, 2).reshape(b, k, cv, m)
 
 
 class MemoryBank:

@@ -28,7 +28,7 @@ LITE0_BLOCKS = [
     "r1_k3_s11_e6_i192_o320",
 ]
 VARIANTS = {
-    "lite": {"key_dim": 64, "value_dim": 128, "decoder_widths": (96, 48, 24)},
+    "lite": {"key_dim": 64, "value_dim": 96, "decoder_widths": (64, 32, 16)},
     "full": {"key_dim": 64, "value_dim": 512, "decoder_widths": (256, 256, 128)},
 }
 
@@ -123,7 +123,7 @@ class MaskEncoderLite(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        widths = (2, 16, 32, 64, 64)
+        widths = (2, 8, 16, 32, 64)
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU(inplace=True)]

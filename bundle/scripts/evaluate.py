@@ -1,0 +1,197 @@
+"""Semi-supervised VOS evaluation over DAVIS-layout roots: give a propagator each sequence's first annotation, score
+every later frame against the ground truth, and write metrics, predictions, a CSV and a plot.
+
+The model and the baselines share the ``propagate`` interface, so one code path scores them all. Scores follow
+``scripts.metrics`` (frame 0 is not scored; dataset scores are means over objects; undefined HD95 is ``null``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from .baselines import CopyFirstFrame, FarnebackFlow
+from .data import Sequence, list_sequences
+from .io import InputError, open_video, read_annotations, read_label_series, staged_output, write_png_labels
+from .metrics import SCORES, aggregate, score_frame, summarise
+
+METHODS = ("model", "copy", "flow")
+
+
+def make_propagator(method: str, model_propagator=None):
+    """The propagator a config names: ``model`` (the one the config builds), ``copy`` or ``flow``."""
+    if method == "model":
+        if model_propagator is None:
+            raise ValueError("method 'model' needs the model's propagator (model_propagator)")
+        return model_propagator
+    if method == "copy":
+        return CopyFirstFrame()
+    if method == "flow":
+        return FarnebackFlow()
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+class Evaluation:
+    """One evaluation run; plain constructor arguments so a bundle config can declare it.
+
+    ``dataset_dir`` may list several roots separated by commas; ``split`` keeps only that split's sequences of
+    ``split_file`` (see ``scripts.data.list_sequences``); ``sequences`` keeps only the named ones (``name`` or
+    ``dataset/name``).
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        output_dir: str,
+        propagator,
+        overwrite: bool = False,
+        split: str | None = None,
+        split_file: str | None = None,
+        sequences: list[str] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.roots = [Path(r.strip()) for r in str(dataset_dir).split(",") if r.strip()]
+        names = [r.name for r in self.roots]
+        if not names or len(set(names)) != len(names):
+            raise InputError(f"{dataset_dir!r}: give one or more dataset roots with distinct folder names")
+        self.output_dir = Path(output_dir)
+        self.propagator = propagator
+        self.overwrite = overwrite
+        self.split = split
+        self.split_file = split_file
+        self.sequences = sequences
+        self.progress = progress
+
+    def run(self) -> dict:
+        """Evaluate every selected sequence and write the outputs; nothing is written unless all succeed."""
+        selected = self.select()
+        multi = len(self.roots) > 1
+        with staged_output(self.output_dir, self.overwrite) as staging:
+            results: dict[str, dict[str, dict]] = defaultdict(dict)
+            for seq in tqdm(selected, desc="evaluate", unit="seq", disable=not self.progress):
+                pred_dir = staging / "pred" / (f"{seq.dataset}/{seq.name}" if multi else seq.name)
+                results[seq.dataset][seq.name] = self.evaluate_sequence(seq, pred_dir)
+            report = self.report(results)
+            (staging / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+            _write_csv(staging / "per_sequence.csv", results)
+            _plot(staging / "jf.png", results, report["J&F"], multi)
+        _print_table(report, results)
+        return report
+
+    def select(self) -> list[Sequence]:
+        """The sequences to evaluate, after split and name filtering."""
+        found = list_sequences(self.roots, self.split, self.split_file)
+        if not found:
+            raise InputError(f"{', '.join(map(str, self.roots))}: no sequence in split {self.split!r}")
+        if self.sequences is not None:
+            wanted = set(self.sequences)
+            missing = wanted - {s.name for s in found} - {s.key for s in found}
+            if missing:
+                raise InputError(
+                    f"{', '.join(map(str, self.roots))}: no sequence {sorted(missing)} (split {self.split!r})"
+                )
+            found = [s for s in found if s.name in wanted or s.key in wanted]
+        return found
+
+    def evaluate_sequence(self, seq: Sequence, pred_dir: Path) -> dict:
+        """Propagate the first annotation through one sequence, writing and scoring each frame as it comes."""
+        pred_dir.mkdir(parents=True)
+        with open_video(seq.frames[0].parent) as source:
+            annotation = read_annotations([seq.masks[0]], [0], source.info)[0]
+            gts = read_label_series(seq.masks[0].parent)
+            if gts.shape != (len(source), source.info.height, source.info.width):
+                raise InputError(
+                    f"{seq.masks[0].parent}: {'×'.join(map(str, gts.shape))} (T×H×W) label maps for "
+                    f"{len(source)} frames of {source.info.height}×{source.info.width}"
+                )
+            objects = [int(k) for k in np.unique(annotation) if k != 0]
+            frames: dict[int, list[dict]] = {k: [] for k in objects}
+            seen = set()
+            for t, labels in self.propagator.propagate(source, {0: annotation}):
+                if t in seen:
+                    raise RuntimeError(f"{type(self.propagator).__name__} yielded frame {t} of {seq.key} twice")
+                seen.add(t)
+                write_png_labels(pred_dir, t, labels)
+                if t != 0:  # frame 0 is the annotation the method was given
+                    for k, scores in score_frame(labels, gts[t], objects).items():
+                        frames[k].append({"frame": t, **scores})
+            if len(seen) != len(source):
+                raise RuntimeError(
+                    f"{type(self.propagator).__name__} yielded {len(seen)} of {len(source)} frames of {seq.key}"
+                )
+        for scores in frames.values():
+            scores.sort(key=lambda s: s["frame"])
+        return {"num_frames": len(source), **summarise(frames)}
+
+    def report(self, results: dict[str, dict[str, dict]]) -> dict:
+        """The metrics.json content: dataset scores on top, per-dataset (if several), sequence and object below."""
+        blocks = {name: {**aggregate(seqs), "sequences": seqs} for name, seqs in results.items()}
+        everything = {f"{d}/{s}": r for d, seqs in results.items() for s, r in seqs.items()}
+        top = {**aggregate(everything), "method": type(self.propagator).__name__, "dataset": ",".join(results)}
+        if len(self.roots) == 1:
+            return {**top, "sequences": next(iter(blocks.values()))["sequences"]}
+        return {**top, "datasets": blocks}
+
+
+def _json_safe(value):
+    """NaN (undefined HD95) as JSON null; JSON has no NaN."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _write_csv(path: Path, results: dict[str, dict[str, dict]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "sequence", "num_frames", "num_objects", *SCORES])
+        for dataset, seqs in results.items():
+            for name, r in seqs.items():
+                values = ["" if math.isnan(r[k]) else f"{r[k]:.6f}" for k in SCORES]
+                writer.writerow([dataset, name, r["num_frames"], r["num_objects"], *values])
+
+
+def _plot(path: Path, results: dict[str, dict[str, dict]], mean: float, multi: bool) -> None:
+    """J&F per sequence (bars) and over normalised time (one line per sequence, mean over objects)."""
+    names, scores = [], []
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    bars, curves = fig.subplots(1, 2, width_ratios=[3, 2])
+    for dataset, seqs in results.items():
+        for name, r in seqs.items():
+            names.append(f"{dataset}/{name}" if multi else name)
+            scores.append(r["J&F"])
+            per_frame = defaultdict(list)
+            for obj in r["objects"].values():
+                for f in obj["frames"]:
+                    per_frame[f["frame"]].append(f["J&F"])
+            t = np.array(sorted(per_frame))
+            curves.plot(t / max(r["num_frames"] - 1, 1), [np.mean(per_frame[i]) for i in t], lw=1, alpha=0.7)
+    bars.bar(range(len(names)), scores)
+    bars.axhline(mean, color="k", ls="--", lw=1, label=f"mean over objects {mean:.3f}")
+    bars.legend(loc="upper right")
+    bars.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    bars.set(ylim=(0, 1), ylabel="J&F", title="J&F per sequence")
+    curves.set(xlim=(0, 1), ylim=(0, 1), xlabel="normalised time in sequence", ylabel="J&F", title="J&F over time")
+    fig.savefig(path, dpi=100)
+
+
+def _print_table(report: dict, results: dict[str, dict[str, dict]]) -> None:
+    rows = [(f"{d}/{s}", r) for d, seqs in results.items() for s, r in seqs.items()]
+    if "datasets" in report:
+        rows += [(f"{d} (mean over objects)", b) for d, b in report["datasets"].items()]
+    rows.append(("mean over objects", report))
+    width = max(len(name) for name, _ in rows)
+    print(f"{report['method']} on {report['dataset']}")
+    print(f"{'sequence':<{width}}  " + "  ".join(f"{k:>6}" for k in SCORES))
+    for name, r in rows:
+        print(f"{name:<{width}}  " + "  ".join(f"{r[k]:6.3f}" for k in SCORES))

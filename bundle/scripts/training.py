@@ -1,0 +1,250 @@
+"""The training iteration and the small handlers MONAI lacks for it.
+
+Training runs the inference loop on short clips: frame 0's ground truth is written into memory, every later frame is
+read from memory, decoded, and its prediction encoded back as a value, so what is trained is what is run.
+`ClipPropagation` is the module DDP wraps (DDP only synchronises gradients of work done inside `forward`);
+`TrainingStep` is the `iteration_update` of MONAI's `SupervisedTrainer`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from torch.utils.data import DistributedSampler
+
+from scripts.data import gap_curriculum
+from scripts.losses import TemporalContrastiveLoss, pool_embeddings
+from scripts.network import TCMN
+
+
+class ClipPropagation(torch.nn.Module):
+    """Propagate frame 0's masks through a clip as at inference, keeping every frame in memory."""
+
+    def __init__(self, network: TCMN) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(
+        self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K → logits B×(T−1)×(K+1)×H×W, values B×T×K×Cv×h×w."""
+        net = self.network
+        b, t = image.shape[:2]
+        size = (image.shape[-2], image.shape[-1])
+        frames = image.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        key, f16, f8, f4 = (f.reshape(b, t, *f.shape[1:]) for f in net.encode_key(frames))
+        values = [net.encode_value(image[:, 0], f16[:, 0], masks0 * valid[:, :, None, None])]
+        logits = []
+        for i in range(1, t):
+            mem_key = key[:, :i].transpose(1, 2).flatten(2)  # B×Ck×(i·h·w)
+            mem_value = torch.stack(values, dim=3).flatten(3)  # B×K×Cv×(i·h·w)
+            readout = net.read(mem_key, mem_value, key[:, i], top_k=None)
+            out = net.decode(readout, f16[:, i], f8[:, i], f4[:, i], size, valid)
+            logits.append(out)
+            if i < t - 1 or net.training:
+                values.append(net.encode_value(image[:, i], f16[:, i], torch.softmax(out, dim=1)[:, 1:]))
+        return torch.stack(logits, dim=1), torch.stack(values, dim=1)
+
+
+def object_masks(label: torch.Tensor, num_objects: int) -> torch.Tensor:
+    """Label map B×1×H×W (0..K) → one-hot object masks B×K×H×W (background dropped)."""
+    return F.one_hot(label[:, 0].long().clamp(0, num_objects), num_objects + 1).permute(0, 3, 1, 2)[:, 1:].float()
+
+
+class TrainingStep:
+    """`iteration_update` for `SupervisedTrainer`: clip propagation, segmentation loss + λ · temporal contrastive."""
+
+    def __init__(
+        self,
+        contrastive_loss: TemporalContrastiveLoss,
+        contrastive_weight: float = 0.1,
+        use_contrastive: bool = True,
+        max_objects: int = 2,
+    ) -> None:
+        self.contrastive_loss = contrastive_loss
+        self.contrastive_weight = contrastive_weight
+        self.use_contrastive = use_contrastive
+        self.max_objects = max_objects
+
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        device = engine.state.device
+        image = batch["image"].to(device)  # B×T×3×H×W
+        label = batch["label"].to(device)  # B×T×1×H×W
+        num_objects = batch["num_objects"].to(device)
+        k = self.max_objects
+        valid = torch.arange(k, device=device)[None] < num_objects[:, None]
+        masks = torch.stack([object_masks(label[:, i], k) for i in range(label.shape[1])], dim=1)  # B×T×K×H×W
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        logits, values = engine.network(image, masks[:, 0], valid)
+        seg = torch.stack([engine.loss_function(logits[:, i], label[:, i + 1]) for i in range(logits.shape[1])]).mean()
+        if self.use_contrastive:
+            embeddings = pool_embeddings(values, masks)
+            contrastive = self.contrastive_loss(embeddings, batch["frame_index"].to(device), valid)
+        else:
+            contrastive = torch.zeros((), device=device)
+        loss = seg + self.contrastive_weight * contrastive
+        loss.backward()
+        engine.optimizer.step()
+        return {"loss": loss.item(), "seg_loss": seg.item(), "contrastive_loss": contrastive.item()}
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that skips the batches a resumed run has already trained on, and draws fresh clips.
+
+    Ignite restarts the data iterator at the beginning of an epoch on resume; skipping `start` samples of the epoch's
+    permutation makes a resumed run see exactly the clips an uninterrupted one would. Indices are offset by
+    epoch × len(dataset) so clip datasets that seed their sampling from the index give new clips every epoch.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)
+        indices = [offset + i for i in super().__iter__()]
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SamplerResumer:
+    """Keep the sampler's epoch in step with the engine and skip what a resumed epoch already covered."""
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Runs after a CheckpointLoader (Events.STARTED) restored the iteration, before the epoch's first batch."""
+        self.sampler.set_epoch(engine.state.epoch - 1)
+        self.sampler.start = (engine.state.iteration % engine.state.epoch_length) * self.batch_size
+
+
+class GapCurriculum:
+    """Set the clip dataset's maximum frame gap at each epoch start, following `data.gap_curriculum`."""
+
+    def __init__(self, dataset, max_epochs: int, start: int, peak: int, end: int) -> None:
+        self.dataset = dataset
+        self.max_epochs = max_epochs
+        self.start, self.peak, self.end = start, peak, end
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.dataset.max_gap = gap_curriculum(engine.state.epoch - 1, self.max_epochs, self.start, self.peak, self.end)
+
+
+def latest_checkpoint(directory: str | Path) -> str:
+    """Most recent `checkpoint_*.pt` in a run directory (by iteration), or '' when there is none."""
+    paths = sorted(Path(directory).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    return str(paths[-1]) if paths else ""
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100):
+    """Linear warm-up then cosine decay to 1 % of the base rate, stepped per iteration."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _mlflow_handler(engine: Engine) -> MLFlowHandler | None:
+    """The MLFlowHandler that `--tracking mlflow` attached to this engine, if any."""
+    for handlers in engine._event_handlers.values():
+        for func, _, _ in handlers:
+            owner = getattr(func, "__self__", None)
+            if isinstance(owner, MLFlowHandler):
+                return owner
+    return None
+
+
+class TrackingExtras:
+    """What MONAI's MLFlowHandler does not log by itself: hyper-parameters, the loss terms and overlay images.
+
+    Inactive unless `--tracking mlflow` attached an MLFlowHandler to the trainer; it then writes to that handler's run.
+    """
+
+    def __init__(self, params: dict, validator: Engine | None = None, num_images: int = 2) -> None:
+        self.params = params
+        self.validator = validator
+        self.num_images = num_images
+        self.handler: MLFlowHandler | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.ITERATION_COMPLETED, self.on_validation_item, engine)
+
+    def _run(self, engine: Engine):
+        if self.handler is None:
+            self.handler = _mlflow_handler(engine)
+            if self.handler is not None and self.handler.cur_run is not None:
+                run_id = self.handler.cur_run.info.run_id
+                for key, value in self.params.items():
+                    self.handler.client.log_param(run_id, key, value)
+        return self.handler if self.handler is not None and self.handler.cur_run is not None else None
+
+    def on_iteration(self, engine: Engine) -> None:
+        handler = self._run(engine)
+        if handler is None:
+            return
+        out = engine.state.output
+        for name in ("seg_loss", "contrastive_loss"):
+            handler.client.log_metric(handler.cur_run.info.run_id, name, out[name], step=engine.state.iteration)
+
+    def on_validation_item(self, validator: Engine, trainer: Engine) -> None:
+        handler = self._run(trainer)
+        if handler is None or validator.state.iteration > self.num_images:
+            return
+        item = validator.state.output[0]
+        image = validator.state.batch["image"][0]  # 3×T×H×W
+        t = image.shape[1] // 2
+        frame = (image[:, t].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+        labels = (
+            item["pred"].argmax(0)[t].cpu().numpy() if item["pred"].shape[0] > 1 else item["pred"][0, t].cpu().numpy()
+        )
+        handler.client.log_image(
+            handler.cur_run.info.run_id,
+            overlay(frame, labels),
+            f"overlays/epoch{trainer.state.epoch:03d}_seq{validator.state.iteration}.png",
+        )
+
+
+def overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a colour per label into an RGB frame (H×W×3 uint8) for a person to look at."""
+    palette = np.array(
+        [
+            [0, 0, 0],
+            [230, 25, 75],
+            [60, 180, 75],
+            [255, 225, 25],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+            [70, 240, 240],
+        ],
+        dtype=np.float32,
+    )
+    colours = palette[labels.astype(np.int64) % len(palette)]
+    mask = (labels > 0)[..., None]
+    return np.where(mask, (1 - alpha) * frame + alpha * colours, frame).astype(np.uint8)

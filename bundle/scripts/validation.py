@@ -1,0 +1,79 @@
+"""Training-time validation: whole sequences as evaluator batches, and J&F as an Ignite metric.
+
+MONAI's `SupervisedEvaluator` runs the propagation inferer on each sequence; `JandF` scores its argmax labels the
+way `evaluate.json` does (frame 0 excluded, mean over objects), with J and the DAVIS boundary F only (HD95 is slow
+and not used for model selection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.metrics import Metric
+from PIL import Image
+
+from scripts.data import Sequence
+from scripts.metrics import boundary_f, region_j
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Each item is one whole sequence: image 3×T×H×W in [0, 1] and label 1×T×H×W, short side resized to `size`."""
+
+    def __init__(self, sequences: Seq[Sequence], size: int | None = None) -> None:
+        self.sequences = list(sequences)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        seq = self.sequences[index]
+        image = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in seq.frames]))
+        label = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in seq.masks]).astype(np.int64))
+        image = image.permute(3, 0, 1, 2).float() / 255  # 3×T×H×W
+        label = label[None]  # 1×T×H×W
+        if self.size is not None:
+            h, w = image.shape[-2:]
+            scale = self.size / min(h, w)
+            shape = (round(h * scale), round(w * scale))
+            image = F.interpolate(image.transpose(0, 1), size=shape, mode="bilinear", antialias=True).transpose(0, 1)
+            label = F.interpolate(label.transpose(0, 1).float(), size=shape, mode="nearest").long().transpose(0, 1)
+        return {"image": image, "label": label, "name": seq.key}
+
+
+def prepare_sequence_batch(batchdata: dict, device: torch.device, non_blocking: bool = False, **kwargs):
+    """Evaluator input B×4×T×H×W (frames + label maps; the inferer uses frame 0's) and target label B×1×T×H×W."""
+    image, label = batchdata["image"], batchdata["label"]
+    inputs = torch.cat([image, label.float()], dim=1).to(device, non_blocking=non_blocking)
+    return inputs, label.to(device, non_blocking=non_blocking)
+
+
+def sequence_jf(pred: np.ndarray, label: np.ndarray) -> list[float]:
+    """Per-object J&F of predicted labels T×H×W against truth T×H×W, frame 0 excluded, objects of frame 0."""
+    objects = [int(k) for k in np.unique(label[0]) if k != 0]
+    scores = []
+    for k in objects:
+        per_frame = [
+            (region_j(pred[t] == k, label[t] == k) + boundary_f(pred[t] == k, label[t] == k)) / 2
+            for t in range(1, len(label))
+        ]
+        scores.append(float(np.mean(per_frame)) if per_frame else 1.0)
+    return scores
+
+
+class JandF(Metric):
+    """Mean J&F over all objects of all validated sequences (the dataset score of `metrics.aggregate`)."""
+
+    def reset(self) -> None:
+        self._scores: list[float] = []
+
+    def update(self, output: tuple) -> None:
+        preds, labels = output
+        for pred, label in zip(preds, labels):
+            self._scores += sequence_jf(np.asarray(pred[0].cpu()), np.asarray(label[0].cpu()))
+
+    def compute(self) -> float:
+        return float(np.mean(self._scores)) if self._scores else 0.0

@@ -1,0 +1,70 @@
+"""Shared fixtures: repository paths, the embedded real sample, and a small synthetic clip in every input format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import itk
+import numpy as np
+import pytest
+from PIL import Image
+from scripts.io import write_nifti_series, write_video
+from scripts.synthetic import SyntheticEchoSource
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "bundle" / "sample" / "vocalfolds"
+SAMPLE_SEQUENCE = "patient2_seq7"
+# a non-trivial geometry, so tests see it survive round trips (values exact in float32)
+AFFINE = np.array([[0.5, 0.0, 0.0, -12.0], [0.0, 0.25, 0.0, 30.5], [0.0, 0.0, 2.0, 4.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The embedded vocalfolds cut (DAVIS layout)."""
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's full data sets in ../shared/data; tests that need them skip visibly without them."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def echo_clip() -> tuple[np.ndarray, np.ndarray]:
+    """An 8-frame 64×80 synthetic echo clip: ``(T×H×W×3 frames, T×H×W labels)``."""
+    source = SyntheticEchoSource(8, 64, 80, seed=3)
+    return np.stack(list(source)), np.stack([source.labels(t) for t in range(len(source))])
+
+
+@pytest.fixture(scope="session")
+def smooth_clip() -> np.ndarray:
+    """Smooth moving colour gradients (``T×H×W×3``), the content the lossy video tolerance is stated for."""
+    yy, xx = np.mgrid[:64, :80]
+    return np.stack(
+        [np.stack([128 + 100 * np.sin(xx / 9 + t / 3 + c) * np.cos(yy / 13) for c in range(3)], -1) for t in range(8)]
+    ).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def clip_files(tmp_path_factory: pytest.TempPathFactory, echo_clip, smooth_clip) -> dict[str, Path]:
+    """The synthetic clip in every input format: PNG frame folder, NIfTI, DICOM cine; the smooth clip as MP4/AVI."""
+    root = tmp_path_factory.mktemp("clip")
+    frames, _ = echo_clip
+    (root / "frames").mkdir()
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(root / "frames" / f"{t:05d}.png")
+    write_nifti_series(root / "clip.nii.gz", frames[..., 0], AFFINE, fps=20.0)
+    itk.imwrite(itk.image_from_array(np.ascontiguousarray(frames[..., 0])), str(root / "clip.dcm"))
+    write_video(root / "clip.mp4", smooth_clip, 20.0)
+    write_video(root / "clip.avi", smooth_clip, 20.0)
+    return {
+        "frames": root / "frames",
+        "nifti": root / "clip.nii.gz",
+        "dicom": root / "clip.dcm",
+        "mp4": root / "clip.mp4",
+        "avi": root / "clip.avi",
+    }

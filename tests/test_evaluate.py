@@ -1,0 +1,119 @@
+"""End-to-end evaluation on a tiny DAVIS root: outputs and their keys, refusal to overwrite, nothing left on failure."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scripts.baselines import CopyFirstFrame, FarnebackFlow
+from scripts.evaluate import Evaluation, make_propagator
+from scripts.io import InputError
+
+SEQUENCES = ("alpha", "beta", "gamma")
+NUM_FRAMES = 5
+TOP_KEYS = {"J&F", "J", "F", "Dice", "HD95", "method", "dataset", "num_sequences", "num_objects"}
+
+
+def make_root(root: Path, empty_first: str | None = None) -> Path:
+    """3 sequences × 5 frames of a bright square moving right by 2 pixels per frame."""
+    for i, seq in enumerate(SEQUENCES):
+        (root / "JPEGImages" / seq).mkdir(parents=True)
+        (root / "Annotations" / seq).mkdir(parents=True)
+        for t in range(NUM_FRAMES):
+            frame = np.full((48, 64, 3), 40, np.uint8)
+            labels = np.zeros((48, 64), np.uint8)
+            y, x = 10 + i, 8 + 2 * t
+            frame[y : y + 16, x : x + 16] = 220
+            if not (seq == empty_first and t == 0):
+                labels[y : y + 16, x : x + 16] = 1
+            Image.fromarray(frame).save(root / "JPEGImages" / seq / f"{t:05d}.jpg", quality=95)
+            Image.fromarray(labels, mode="L").save(root / "Annotations" / seq / f"{t:05d}.png")
+    return root
+
+
+def test_writes_all_outputs(tmp_path, capsys):
+    root = make_root(tmp_path / "tiny")
+    out = tmp_path / "out"
+    report = Evaluation(str(root), str(out), CopyFirstFrame(), progress=False).run()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert TOP_KEYS <= set(metrics) and set(metrics["sequences"]) == set(SEQUENCES)
+    assert metrics["method"] == "CopyFirstFrame" and metrics["dataset"] == "tiny"
+    assert metrics["num_sequences"] == 3 and metrics["num_objects"] == 3
+    assert metrics["J&F"] == pytest.approx(report["J&F"]) and 0 < metrics["J"] < 1
+    obj = metrics["sequences"]["alpha"]["objects"]["1"]
+    assert [f["frame"] for f in obj["frames"]] == [1, 2, 3, 4]
+    assert {"J&F", "J", "F", "Dice", "HD95", "frame"} == set(obj["frames"][0])
+    for seq in SEQUENCES:
+        preds = sorted((out / "pred" / seq).glob("*.png"))
+        assert [p.name for p in preds] == [f"{t:05d}.png" for t in range(NUM_FRAMES)]
+    with (out / "per_sequence.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["sequence"] for r in rows] == list(SEQUENCES)
+    assert float(rows[0]["J&F"]) == pytest.approx(metrics["sequences"]["alpha"]["J&F"], abs=1e-6)
+    assert Image.open(out / "jf.png").format == "PNG"
+    assert "mean over objects" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]  # no staging left behind
+
+
+def test_flow_beats_copy_on_a_moving_square(tmp_path):
+    root = make_root(tmp_path / "tiny")
+    copy = Evaluation(str(root), str(tmp_path / "copy"), CopyFirstFrame(), progress=False).run()
+    flow = Evaluation(str(root), str(tmp_path / "flow"), FarnebackFlow(), progress=False).run()
+    assert flow["J&F"] > copy["J&F"]
+
+
+def test_refuses_existing_output(tmp_path):
+    root = make_root(tmp_path / "tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous results")
+    with pytest.raises(InputError, match="already holds results"):
+        Evaluation(str(root), str(out), CopyFirstFrame(), progress=False).run()
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    Evaluation(str(root), str(out), CopyFirstFrame(), overwrite=True, progress=False).run()
+    assert (out / "metrics.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_empty_first_annotation_writes_nothing(tmp_path):
+    root = make_root(tmp_path / "tiny", empty_first="gamma")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"gamma.00000\.png.*no foreground"):
+        Evaluation(str(root), str(out), CopyFirstFrame(), progress=False).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_split_and_sequence_filters(tmp_path):
+    root = make_root(tmp_path / "tiny")
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"tiny/alpha": "val", "tiny/beta": "train", "tiny/gamma": "val"}))
+    kwargs = dict(propagator=CopyFirstFrame(), split_file=str(split_file), progress=False)
+    report = Evaluation(str(root), str(tmp_path / "val"), split="val", **kwargs).run()
+    assert set(report["sequences"]) == {"alpha", "gamma"}
+    report = Evaluation(str(root), str(tmp_path / "one"), split="val", sequences=["gamma"], **kwargs).run()
+    assert set(report["sequences"]) == {"gamma"}
+    split_file.write_text(json.dumps({f"tiny/{s}": "train" for s in SEQUENCES}))
+    with pytest.raises(InputError, match="no sequence in split 'val'"):
+        Evaluation(str(root), str(tmp_path / "none"), split="val", **kwargs).run()
+
+
+def test_several_roots(tmp_path):
+    roots = [make_root(tmp_path / "one"), make_root(tmp_path / "two")]
+    out = tmp_path / "out"
+    report = Evaluation(",".join(map(str, roots)), str(out), CopyFirstFrame(), progress=False).run()
+    assert set(report["datasets"]) == {"one", "two"} and report["num_objects"] == 6
+    assert report["dataset"] == "one,two"
+    assert report["J&F"] == pytest.approx(np.mean([report["datasets"][d]["J&F"] for d in ("one", "two")]))
+    assert (out / "pred" / "two" / "beta" / "00004.png").is_file()
+
+
+def test_make_propagator():
+    assert isinstance(make_propagator("copy"), CopyFirstFrame)
+    assert isinstance(make_propagator("flow"), FarnebackFlow)
+    model = object()
+    assert make_propagator("model", model) is model
+    with pytest.raises(ValueError, match="model_propagator"):
+        make_propagator("model")
+    with pytest.raises(ValueError, match="one of"):
+        make_propagator("magic")

@@ -1,0 +1,369 @@
+"""Reading, validating and writing videos, series, annotations and overlays (scripts.io)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import AFFINE, SAMPLE_SEQUENCE
+from PIL import Image
+from scripts.io import (
+    PALETTE,
+    VIDEO_ROUND_TRIP_MAE,
+    InputError,
+    LabelSeriesWriter,
+    open_video,
+    read_annotations,
+    read_label_series,
+    staged_output,
+    write_nifti_series,
+    write_overlay,
+    write_png_labels,
+    write_video,
+)
+
+
+def mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b).mean())
+
+
+def run_pipeline(video: Path, masks: list[Path], frames: list[int] | None, out: Path, overwrite: bool = False) -> None:
+    """What an inference entry point does with user inputs: stage outputs, read and validate, write labels."""
+    with staged_output(out, overwrite) as staging:
+        source = open_video(video)
+        annotations = read_annotations(masks, frames, source.info)
+        first = min(annotations)
+        with LabelSeriesWriter(staging / "labels.nii.gz", source.info) as writer:
+            for t, _ in enumerate(source):
+                writer.write(t, annotations[first])
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def assert_input_error(error: pytest.ExceptionInfo, path: Path, *words: str) -> None:
+    message = str(error.value)
+    assert str(path) in message, message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.fixture
+def clip_labels_png(tmp_path: Path, echo_clip) -> Path:
+    path = tmp_path / "mask.png"
+    Image.fromarray(echo_clip[1][0]).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- reading and round trips
+
+
+def test_frame_folder_png_round_trip_is_exact(clip_files, echo_clip, tmp_path):
+    frames, _ = echo_clip
+    source = open_video(clip_files["frames"])
+    assert (source.info.kind, len(source), source.info.height, source.info.width) == ("frames", 8, 64, 80)
+    np.testing.assert_array_equal(np.stack(list(source)), frames)
+    for t, frame in enumerate(source):
+        Image.fromarray(frame).save(tmp_path / f"{t}.png")  # natural name order: 10.png would follow 9.png
+    np.testing.assert_array_equal(np.stack(list(open_video(tmp_path))), frames)
+
+
+def test_sample_clip_opens_with_its_annotation(sample_dir):
+    source = open_video(sample_dir / "JPEGImages" / SAMPLE_SEQUENCE)
+    assert (len(source), source.info.height, source.info.width) == (24, 512, 512)
+    assert source[23].shape == (512, 512, 3) and source[23].dtype == np.uint8
+    masks = sorted((sample_dir / "Annotations" / SAMPLE_SEQUENCE).glob("*.png"))
+    annotations = read_annotations(masks[:1], [0], source.info)
+    assert set(np.unique(annotations[0])) >= {0, 1, 2, 3}
+
+
+def test_sample_is_a_small_unchanged_cut(sample_dir):
+    size = sum(p.stat().st_size for p in sample_dir.rglob("*") if p.is_file())
+    assert size <= 3 * 2**20
+    meta = json.loads((sample_dir / "meta.json").read_text())
+    assert meta["licence"] == "CC BY 4.0" and meta["sequences"][SAMPLE_SEQUENCE]["n_frames"] == 24
+    assert len(list((sample_dir / "Annotations" / SAMPLE_SEQUENCE).glob("*.png"))) == 24
+
+
+def test_sample_files_are_copies_of_the_source(sample_dir, shared_data):
+    for sample in sorted(sample_dir.rglob(f"{SAMPLE_SEQUENCE}/*")):
+        source = shared_data / "vocalfolds" / sample.relative_to(sample_dir)
+        assert sample.read_bytes() == source.read_bytes(), sample
+
+
+@pytest.mark.parametrize("kind", ["frames", "nifti", "dicom", "mp4", "avi"])
+def test_random_access_matches_iteration(clip_files, kind):
+    source = open_video(clip_files[kind])
+    frames = list(source)
+    assert len(frames) == len(source) == 8
+    for t in reversed(range(len(source))):  # the backward pass of propagation
+        np.testing.assert_array_equal(source[t], frames[t])
+    for t in (-1, len(source)):
+        with pytest.raises(IndexError):
+            source[t]
+
+
+def test_nifti_round_trip_keeps_frames_and_geometry(clip_files, echo_clip, tmp_path):
+    source = open_video(clip_files["nifti"])
+    assert source.info.kind == "nifti"
+    np.testing.assert_allclose(source.info.affine, AFFINE)
+    assert source.info.spacing == (0.5, 0.25) and source.info.fps == 20.0
+    np.testing.assert_array_equal(np.stack(list(source)), echo_clip[0])
+    write_nifti_series(tmp_path / "again.nii", np.stack(list(source))[..., 0], source.info.affine, source.info.fps)
+    again = open_video(tmp_path / "again.nii")
+    np.testing.assert_array_equal(again.info.affine, source.info.affine)
+    assert (again.info.spacing, again.info.fps) == (source.info.spacing, source.info.fps)
+    np.testing.assert_array_equal(np.stack(list(again)), echo_clip[0])
+
+
+def _rgb24(frames: np.ndarray) -> np.ndarray:
+    out = np.zeros(frames.shape[:-1], [("R", "u1"), ("G", "u1"), ("B", "u1")])
+    out["R"], out["G"], out["B"] = frames[..., 0], frames[..., 1], frames[..., 2]
+    return out
+
+
+@pytest.mark.parametrize(
+    "layout, grey",
+    [
+        (lambda f: f[..., 0].transpose(2, 1, 0), True),  # W×H×T
+        (lambda f: f.transpose(2, 1, 0, 3), False),  # W×H×T×3
+        (lambda f: _rgb24(f).transpose(2, 1, 0)[:, :, None], False),  # W×H×1×T of RGB24
+    ],
+    ids=["WxHxT", "WxHxTx3", "rgb24"],
+)
+def test_nifti_layouts_read_exactly(tmp_path, smooth_clip, layout, grey):
+    nib.save(nib.Nifti1Image(layout(smooth_clip), AFFINE), tmp_path / "clip.nii.gz")
+    expected = np.repeat(smooth_clip[..., :1], 3, -1) if grey else smooth_clip
+    np.testing.assert_array_equal(np.stack(list(open_video(tmp_path / "clip.nii.gz"))), expected)
+
+
+def test_nifti_non_uint8_is_windowed_to_uint8(tmp_path):
+    values = np.linspace(-1000, 3000, 8 * 64 * 80, dtype=np.float32).reshape(8, 64, 80)
+    write_nifti_series(tmp_path / "ct.nii.gz", values)
+    frames = np.stack(list(open_video(tmp_path / "ct.nii.gz")))[..., 0]
+    assert frames.dtype == np.uint8 and frames.min() == 0 and frames.max() == 255
+    assert (np.diff(frames.ravel().astype(int)) >= 0).all()  # windowing keeps the intensity order
+
+
+def test_mp4_round_trip_within_tolerance(clip_files, smooth_clip, tmp_path):
+    source = open_video(clip_files["mp4"])
+    assert (source.info.kind, len(source), source.info.fps) == ("video", 8, 20.0)
+    assert mae(np.stack(list(source)), smooth_clip) < VIDEO_ROUND_TRIP_MAE
+    write_video(tmp_path / "again.mp4", source, source.info.fps)
+    assert mae(np.stack(list(open_video(tmp_path / "again.mp4"))), smooth_clip) < VIDEO_ROUND_TRIP_MAE
+
+
+def test_video_seeks_across_keyframes(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (30, 32, 48, 3), dtype=np.uint8)
+    write_video(tmp_path / "gop.mp4", frames, 10.0, keyframe_interval=4)
+    source = open_video(tmp_path / "gop.mp4")
+    assert len(source.keyframes) > 3
+    decoded = list(source)
+    for t in (29, 3, 17, 16, 0, 28, 15):
+        np.testing.assert_array_equal(source[t], decoded[t])
+
+
+def test_avi_reads_within_tolerance(clip_files, smooth_clip):
+    source = open_video(clip_files["avi"])
+    assert len(source) == 8 and mae(np.stack(list(source)), smooth_clip) < VIDEO_ROUND_TRIP_MAE
+
+
+@pytest.mark.parametrize("rgb", [False, True], ids=["grey", "rgb"])
+def test_dicom_multiframe_round_trip_is_exact(tmp_path, echo_clip, smooth_clip, rgb):
+    frames = smooth_clip if rgb else echo_clip[0]
+    array = frames if rgb else np.ascontiguousarray(frames[..., 0])
+    itk.imwrite(itk.image_from_array(array, is_vector=rgb), str(tmp_path / "cine.dcm"))
+    source = open_video(tmp_path / "cine.dcm")
+    assert (source.info.kind, len(source)) == ("dicom", 8)
+    read = np.stack(list(source))
+    np.testing.assert_array_equal(read, frames)
+    itk.imwrite(itk.image_from_array(read if rgb else read[..., 0], is_vector=rgb), str(tmp_path / "again.dcm"))
+    again = open_video(tmp_path / "again.dcm")
+    np.testing.assert_array_equal(np.stack(list(again)), frames)
+    np.testing.assert_array_equal(again.info.affine, source.info.affine)
+
+
+# ---------------------------------------------------------------- annotations
+
+
+def test_annotations_png_and_nifti_series(clip_files, echo_clip, tmp_path, clip_labels_png):
+    info = open_video(clip_files["nifti"]).info
+    labels = echo_clip[1]
+    annotations = read_annotations([clip_labels_png], [3], info)
+    assert list(annotations) == [3]
+    np.testing.assert_array_equal(annotations[3], labels[0])
+    series = np.zeros_like(labels)
+    series[[2, 5]] = labels[[2, 5]]
+    write_nifti_series(tmp_path / "series.nii.gz", series, info.affine)
+    annotations = read_annotations([tmp_path / "series.nii.gz"], None, info)
+    assert sorted(annotations) == [2, 5]
+    np.testing.assert_array_equal(annotations[5], labels[5])
+
+
+def test_colour_mask_maps_through_the_davis_palette(clip_files, echo_clip, tmp_path):
+    labels = echo_clip[1][0]
+    Image.fromarray(PALETTE[labels]).save(tmp_path / "rgb.png")
+    palette_png = Image.fromarray(labels, mode="L").convert("P")
+    palette_png.putpalette(PALETTE.ravel().tolist())
+    palette_png.save(tmp_path / "p.png")
+    info = open_video(clip_files["frames"]).info
+    for name in ("rgb.png", "p.png"):
+        np.testing.assert_array_equal(read_annotations([tmp_path / name], None, info)[0], labels)
+
+
+# ---------------------------------------------------------------- writers
+
+
+def test_label_series_writer_keeps_the_input_geometry(clip_files, echo_clip, tmp_path):
+    info = open_video(clip_files["nifti"]).info
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", info) as writer:
+        for t in reversed(range(info.num_frames)):
+            writer.write(t, echo_clip[1][t])
+    np.testing.assert_array_equal(read_label_series(tmp_path / "labels.nii.gz"), echo_clip[1])
+    written = open_video(tmp_path / "labels.nii.gz").info
+    np.testing.assert_array_equal(written.affine, info.affine)
+    assert (written.spacing, written.fps, written.num_frames) == (info.spacing, info.fps, info.num_frames)
+    assert nib.load(tmp_path / "labels.nii.gz").get_data_dtype() == np.uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]  # the memmap buffer is gone
+
+
+def test_label_series_writer_refuses_missing_frames(clip_files, tmp_path):
+    writer = LabelSeriesWriter(tmp_path / "labels.nii", open_video(clip_files["frames"]).info)
+    writer.write(0, np.ones((64, 80), np.uint8))
+    with pytest.raises(ValueError, match="7 frames were never written"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_labels_are_exact(echo_clip, tmp_path):
+    for t in (0, 7):
+        path = write_png_labels(tmp_path, t, echo_clip[1][t])
+        with Image.open(path) as image:
+            assert path.name == f"0000{t}.png" and image.mode == "L"
+    np.testing.assert_array_equal(read_label_series(tmp_path), echo_clip[1][[0, 7]])
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_overlay_has_one_frame_per_input_frame(clip_files, echo_clip, tmp_path, suffix):
+    source = open_video(clip_files["frames"])
+    write_overlay(tmp_path / f"overlay{suffix}", source, echo_clip[1])
+    if suffix == ".mp4":
+        assert len(open_video(tmp_path / "overlay.mp4")) == len(source)
+    else:
+        with Image.open(tmp_path / "overlay.gif") as gif:
+            assert gif.n_frames == len(source)
+            gif.seek(5)
+            frame = np.asarray(gif.convert("RGB"))
+        cavity = echo_clip[1][5] == 1
+        assert frame[cavity][:, 0].mean() > source[5][cavity][:, 0].mean() + 20  # tinted red (label 1)
+
+
+# ---------------------------------------------------------------- bad inputs: named file and problem, no output
+
+
+def test_missing_video(tmp_path, clip_labels_png):
+    with pytest.raises(InputError) as error:
+        run_pipeline(tmp_path / "absent.mp4", [clip_labels_png], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / "absent.mp4", "no such file")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["noise.mp4", "noise.avi", "noise.nii.gz", "noise.dcm"])
+def test_unreadable_file(tmp_path, clip_labels_png, name):
+    (tmp_path / name).write_bytes(np.random.default_rng(0).bytes(4000))
+    with pytest.raises(InputError) as error:
+        run_pipeline(tmp_path / name, [clip_labels_png], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / name, "unreadable")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_truncated_video(clip_files, tmp_path, clip_labels_png):
+    data = clip_files["mp4"].read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as error:
+        run_pipeline(tmp_path / "cut.mp4", [clip_labels_png], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / "cut.mp4", "truncated")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_zero_frames(tmp_path, clip_labels_png):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as error:
+        run_pipeline(tmp_path / "empty", [clip_labels_png], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / "empty", "zero frames")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_mask_size_differs_from_frames(clip_files, tmp_path):
+    Image.fromarray(np.ones((32, 40), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(InputError) as error:
+        run_pipeline(clip_files["frames"], [tmp_path / "small.png"], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / "small.png", "32×40", "64×80")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_mask_without_foreground(clip_files, tmp_path):
+    Image.fromarray(np.zeros((64, 80), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(InputError) as error:
+        run_pipeline(clip_files["frames"], [tmp_path / "empty.png"], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / "empty.png", "no foreground")
+    assert_nothing_written(tmp_path / "out")
+
+
+def _float_nifti(path: Path) -> None:
+    write_nifti_series(path, np.full((1, 64, 80), 0.5, np.float32))
+
+
+def _png16(path: Path) -> None:
+    Image.fromarray(np.full((64, 80), 300, np.uint16)).save(path)
+
+
+@pytest.mark.parametrize(
+    "name, make, problem",
+    [("float.nii.gz", _float_nifti, "must be integers"), ("wide.png", _png16, "must lie in 0..255")],
+)
+def test_mask_labels_outside_the_allowed_range(clip_files, tmp_path, name, make, problem):
+    make(tmp_path / name)
+    with pytest.raises(InputError) as error:
+        run_pipeline(clip_files["frames"], [tmp_path / name], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / name, problem)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_annotated_frame_out_of_range(clip_files, tmp_path, clip_labels_png):
+    with pytest.raises(InputError) as error:
+        run_pipeline(clip_files["frames"], [clip_labels_png], [8], tmp_path / "out")
+    assert_input_error(error, clip_labels_png, "frame 8 is out of range", "0..7")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("shape", [(80, 64, 3, 4), (80, 64, 1, 4, 2)], ids=["3D+t", "5D"])
+def test_nifti_that_is_not_2d_plus_t(tmp_path, clip_labels_png, shape):
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), np.eye(4)), tmp_path / "volume.nii.gz")
+    with pytest.raises(InputError) as error:
+        run_pipeline(tmp_path / "volume.nii.gz", [clip_labels_png], None, tmp_path / "out")
+    assert_input_error(error, tmp_path / "volume.nii.gz", "not a 2D+t series")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_output_directory_with_results(clip_files, tmp_path, clip_labels_png):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    with pytest.raises(InputError) as error:
+        run_pipeline(clip_files["frames"], [clip_labels_png], None, out)
+    assert_input_error(error, out, "already holds results")
+    assert os.listdir(out) == ["old.txt"]
+    with pytest.raises(InputError):  # overwrite, but the run fails: the old results stay
+        run_pipeline(clip_files["frames"], [tmp_path / "absent.png"], None, out, overwrite=True)
+    assert os.listdir(out) == ["old.txt"]
+    run_pipeline(clip_files["frames"], [clip_labels_png], None, out, overwrite=True)
+    assert os.listdir(out) == ["labels.nii.gz"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
