@@ -47,42 +47,26 @@ def example_inputs(
 
 
 def export_onnx(
-    network: nn.Module,
-    path: str | Path,
-    height: int,
-    width: int,
-    num_objects: int = 1,
-    opset_version: int = 18,
-    dynamo: bool = True,
+    network: nn.Module, path: str | Path, height: int, width: int, num_objects: int = 1, opset_version: int = 18
 ) -> Path:
-    """Write `FrameStep(network)` for H×W frames and `num_objects` objects to `path` with a dynamic memory size N."""
+    """Write `FrameStep(network)` (an eager TCMN) for H×W frames and `num_objects` objects to `path`, N dynamic.
+
+    Uses the `torch.export`-based exporter (needs `onnxscript`); the graph is specialised to H, W, B = 1 and K.
+    """
     step = FrameStep(network).eval()
     inputs = example_inputs(step.network, height, width, num_objects, mem_frames=2)
-    path = Path(path)
+    n = torch.export.Dim("N", min=1)
     with torch.no_grad():
-        if dynamo:
-            n = torch.export.Dim("N", min=1)
-            torch.onnx.export(
-                step,
-                inputs,
-                str(path),
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                opset_version=opset_version,
-                dynamo=True,
-                verbose=False,
-                dynamic_shapes={"frame": None, "mem_key": {2: n}, "mem_value": {3: n}},
-                external_data=False,
-            )
-        else:
-            torch.onnx.export(
-                step,
-                inputs,
-                str(path),
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                opset_version=opset_version,
-                dynamo=False,
-                dynamic_axes={"mem_key": {2: "N"}, "mem_value": {3: "N"}},
-            )
-    return path
+        torch.onnx.export(
+            step,
+            inputs,
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            opset_version=opset_version,
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes={"frame": None, "mem_key": {2: n}, "mem_value": {3: n}},
+            external_data=False,
+        )
+    return Path(path)

@@ -79,26 +79,49 @@ class PropagationInferer(Inferer):
 
         get_frame(t) gives 1×3×H×W in [0, 1]; annotations map frame index → H×W one-hot-able label tensor with
         objects already numbered 1..K (K = the largest label over all annotations).
+
+        Inference mode and autocast are entered around each step only: a `with` block spanning the yields would leave
+        them switched on in the caller's code between frames, and for good if the caller stops iterating early.
         """
+        inner = self._steps(network, get_frame, num_frames, annotations)
+        try:
+            while True:
+                amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+                with torch.inference_mode(), amp:
+                    try:
+                        item = next(inner)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            inner.close()
+
+    def _steps(
+        self,
+        network: torch.nn.Module,
+        get_frame: Callable[[int], torch.Tensor],
+        num_frames: int,
+        annotations: Mapping[int, torch.Tensor],
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The propagation loop of `steps`, run by it under inference mode (and autocast) one step at a time."""
         net = _unwrap(network)
         num_objects = int(max(int(a.max()) for a in annotations.values()))
         memory = MemoryBank(self.mem_size, self.top_k)
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
         order = sorted(annotations)
         for t in order:
             if not 0 <= t < num_frames:
                 raise IndexError(f"annotated frame {t} is outside the video's {num_frames} frames")
-        with torch.inference_mode(), amp:
-            one_hot = {}
-            for t in order:
-                frame = self._prepare(get_frame(t))
-                onehot = F.one_hot(annotations[t].long().to(self.device), num_objects + 1).permute(2, 0, 1).float()
-                one_hot[t] = onehot
-                small = F.interpolate(onehot[None, 1:], size=frame.shape[-2:], mode="bilinear")
-                key, f16, _, _ = net.encode_key(frame)
-                memory.write(key, net.encode_value(frame, f16, small), pinned=True)
-            passes = [range(order[0], num_frames), range(order[0] - 1, -1, -1)]
-            bar = tqdm(total=num_frames, disable=not self.progress, desc="propagating", unit="frame")
+        one_hot = {}
+        for t in order:
+            frame = self._prepare(get_frame(t))
+            onehot = F.one_hot(annotations[t].long().to(self.device), num_objects + 1).permute(2, 0, 1).float()
+            one_hot[t] = onehot
+            small = F.interpolate(onehot[None, 1:], size=frame.shape[-2:], mode="bilinear")
+            key, f16, _, _ = net.encode_key(frame)
+            memory.write(key, net.encode_value(frame, f16, small), pinned=True)
+        passes = [range(order[0], num_frames), range(order[0] - 1, -1, -1)]
+        bar = tqdm(total=num_frames, disable=not self.progress, desc="propagating", unit="frame")
+        try:
             for frames in passes:
                 memory.working.clear()
                 since_write = 0
@@ -120,6 +143,7 @@ class PropagationInferer(Inferer):
                     if prob.shape[-2:] != raw.shape[-2:]:
                         prob = F.interpolate(prob, size=raw.shape[-2:], mode="bilinear")
                     yield t, prob[0]
+        finally:
             bar.close()
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
@@ -149,7 +173,9 @@ class PropagationInferer(Inferer):
         dense = {t: torch.from_numpy(lut[a]) for t, a in annotations.items()}
 
         def get_frame(t: int) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(source[t])).permute(2, 0, 1)[None].float() / 255
+            # readers may hand out read-only arrays (PIL, caches); torch warns on those, so copy only then
+            frame = np.require(source[t], np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+            return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
 
         for t, prob in self.steps(network, get_frame, len(source), dense):
             yield t, to_values[prob.argmax(0).cpu().numpy()]

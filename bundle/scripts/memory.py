@@ -14,7 +14,7 @@ import torch
 AFFINITY_CLAMP = 50.0
 
 
-def affinity(mem_key: torch.Tensor, query_key: torch.Tensor) -> torch.Tensor:
+def affinity(mem_key: torch.Tensor, query_key: torch.Tensor, clamp: float = AFFINITY_CLAMP) -> torch.Tensor:
     """Scaled negative squared L2 distance (STCN), B×N×M for memory keys B×C×N and query keys B×C×M.
 
     The query's own ||q||² is constant over memory positions, so it cancels in the softmax and is left out.
@@ -22,7 +22,7 @@ def affinity(mem_key: torch.Tensor, query_key: torch.Tensor) -> torch.Tensor:
     c = mem_key.shape[1]
     mem_sq = mem_key.pow(2).sum(1).unsqueeze(2)  # B×N×1
     cross = mem_key.transpose(1, 2) @ query_key  # B×N×M
-    return ((2 * cross - mem_sq) / math.sqrt(c)).clamp(min=-AFFINITY_CLAMP)
+    return ((2 * cross - mem_sq) / math.sqrt(c)).clamp(min=-clamp)
 
 
 def softmax_weights(aff: torch.Tensor, top_k: int | None = None) -> torch.Tensor:

@@ -59,7 +59,12 @@ def object_masks(label: torch.Tensor, num_objects: int) -> torch.Tensor:
 
 
 class TrainingStep:
-    """`iteration_update` for `SupervisedTrainer`: clip propagation, segmentation loss + λ · temporal contrastive."""
+    """`iteration_update` for `SupervisedTrainer`: clip propagation, segmentation loss + λ · temporal contrastive.
+
+    Returns the losses as a one-item list of dicts, the shape of MONAI's decollated trainer output, so the
+    `from_engine([...], first=True)` transforms of `StatsHandler`, `MLFlowHandler` (`--tracking mlflow`) and the loss
+    metrics get floats; from a plain dict they would get 1-tuples, which MLflow rejects.
+    """
 
     def __init__(
         self,
@@ -73,7 +78,7 @@ class TrainingStep:
         self.use_contrastive = use_contrastive
         self.max_objects = max_objects
 
-    def __call__(self, engine: Engine, batch: dict) -> dict:
+    def __call__(self, engine: Engine, batch: dict) -> list[dict[str, float]]:
         device = engine.state.device
         image = batch["image"].to(device)  # B×T×3×H×W
         label = batch["label"].to(device)  # B×T×1×H×W
@@ -94,7 +99,7 @@ class TrainingStep:
         loss = seg + self.contrastive_weight * contrastive
         loss.backward()
         engine.optimizer.step()
-        return {"loss": loss.item(), "seg_loss": seg.item(), "contrastive_loss": contrastive.item()}
+        return [{"loss": loss.item(), "seg_loss": seg.item(), "contrastive_loss": contrastive.item()}]
 
 
 class ResumableSampler(DistributedSampler):
@@ -208,7 +213,7 @@ class TrackingExtras:
         handler = self._run(engine)
         if handler is None:
             return
-        out = engine.state.output
+        out = engine.state.output[0]
         for name in ("seg_loss", "contrastive_loss"):
             handler.client.log_metric(handler.cur_run.info.run_id, name, out[name], step=engine.state.iteration)
 
@@ -217,7 +222,8 @@ class TrackingExtras:
         if handler is None or validator.state.iteration > self.num_images:
             return
         item = validator.state.output[0]
-        image = validator.state.batch["image"][0]  # 3×T×H×W
+        batch = validator.state.batch  # decollated by SupervisedEvaluator: a list of per-sequence dicts
+        image = batch[0]["image"] if isinstance(batch, list) else batch["image"][0]  # 3×T×H×W
         t = image.shape[1] // 2
         frame = (image[:, t].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
         labels = (

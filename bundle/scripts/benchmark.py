@@ -1,0 +1,344 @@
+"""Propagation speed and peak memory of the TCMN variants on synthetic echo video: a benchmark, not a test.
+
+    python -m scripts.benchmark [--variants lite,full] [--sizes 384x288,512x512] [--frames 300,3000] [--threads N]
+        [--device cpu|cuda] [--mem-every 5] [--mem-size 8] [--top-k 30] [--infer-size S] [--checkpoint PATH|random]
+        [--warmup 5] [--profile] [--json results.json]
+
+Every configuration runs in a fresh subprocess, so its RSS high-water mark is its own and not the largest seen so
+far. Frames come lazily from `SyntheticEchoSource` (3,000 frames of 512×512 would be 2.3 GB held in memory), and the
+propagation loop is the inference job's (`ModelPropagator.propagate`: channels_last network, inference mode, label
+maps as uint8), with the label maps discarded. Timing covers the loop only: model construction, the annotated frame
+and the first `--warmup` propagated frames are excluded, and so is the time spent generating synthetic frames (shown
+apart as `gen ms/f`; decoding a real video costs something else). Sizes are width×height, e.g. 384x288.
+
+Memory columns, in MiB: `RSS start` when the timed loop starts, `loop peak` the RSS high-water over the timed loop
+(Linux `/proc/self/clear_refs` resets it at loop start; `-` where that is unavailable), `process peak` the whole
+process's `ru_maxrss` (model construction included), and on CUDA `cuda peak`, the largest allocation over the loop.
+
+`--profile` adds a per-stage breakdown in ms per propagated frame: key encoding, memory read, decode and value
+encoding (written every `mem-every` frames, so averaged over all frames), and `other` (resizing, softmax, argmax,
+frame conversion). CUDA is synchronised around each stage, which slows the loop a little; use it to choose widths,
+not to quote speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "model.pt"
+STAGES = ("key encoding", "memory read", "decode", "value encoding")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'384x288' (or 384×288) → (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[x×X]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 384x288, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="lite,full", help="comma-separated TCMN variants")
+    parser.add_argument("--sizes", default="384x288,512x512", help="comma-separated WIDTHxHEIGHT frame sizes")
+    parser.add_argument("--frames", default="300,3000", help="comma-separated video lengths")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--mem-size", type=int, default=8)
+    parser.add_argument("--top-k", default="30", help="top-k memory read; 'none' for the dense read")
+    parser.add_argument(
+        "--infer-size", type=int, default=None, help="the inferer's `size` (short side); native if unset"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"weights to load, or 'random'; default {DEFAULT_CHECKPOINT} if present (for the variants it fits) "
+        "else random initialisation",
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="propagated frames excluded from timing")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic clip and random-initialisation seed")
+    parser.add_argument("--profile", action="store_true", help="print a per-stage breakdown in ms/frame")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, as JSON
+    args = parser.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    args.frames = [int(f) for f in args.frames.split(",") if f.strip()]
+    args.top_k = None if args.top_k.lower() == "none" else int(args.top_k)
+    too_short = [f for f in args.frames if f < args.warmup + 2]
+    if too_short:
+        parser.error(f"--frames {too_short} leave nothing to time after the annotated frame and --warmup {args.warmup}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+
+
+def _status_kib(field: str) -> int | None:
+    """VmRSS/VmHWM of this process in KiB (Linux), None elsewhere."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the loop's own high-water mark can be read afterwards."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+class StageTimer:
+    """Wall time per stage, with the device synchronised around each call so GPU work is charged to its stage."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[stage] += time.perf_counter() - start
+                self.calls[stage] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+def _load_weights(net, variant: str, checkpoint: str | None, device) -> str:
+    """Load the requested weights; returns how the model was initialised, for the table."""
+    import torch
+
+    explicit = checkpoint is not None
+    if checkpoint == "random" or (not explicit and not DEFAULT_CHECKPOINT.is_file()):
+        return "random init"
+    path = Path(checkpoint) if explicit else DEFAULT_CHECKPOINT
+    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        if explicit:
+            raise
+        return f"random init ({path.name} is not a {variant} model)"
+    return str(path)
+
+
+def measure(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this process and return its measurements."""
+    import torch
+    from scripts import memory
+    from scripts.inferer import ModelPropagator, PropagationInferer
+    from scripts.network import TCMN
+    from scripts.synthetic import SyntheticEchoSource
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    device = torch.device(cfg["device"])
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    net = TCMN(cfg["variant"], pretrained=False)
+    weights = _load_weights(net, cfg["variant"], cfg["checkpoint"], device)
+    inferer = PropagationInferer(
+        mem_every=cfg["mem_every"],
+        mem_size=cfg["mem_size"],
+        top_k=cfg["top_k"],
+        size=cfg["infer_size"],
+        device=device,
+        progress=False,
+    )
+    propagator = ModelPropagator(net, inferer)  # channels_last and eval, as the inference job
+    width, height = cfg["size"]
+    clip = SyntheticEchoSource(cfg["frames"], height, width, seed=cfg["seed"])
+    generation = [0.0]
+
+    class TimedSource:
+        """The clip, with the time spent generating its frames kept apart from the propagation's."""
+
+        info = clip.info
+
+        def __len__(self) -> int:
+            return len(clip)
+
+        def __getitem__(self, t: int):
+            start = time.perf_counter()
+            frame = clip[t]
+            generation[0] += time.perf_counter() - start
+            return frame
+
+    timer = StageTimer(sync)
+    if cfg["profile"]:  # instance attributes shadow the methods the inferer calls; the class patch reaches its bank
+        net.encode_key = timer.wrap("key encoding", net.encode_key)
+        net.decode = timer.wrap("decode", net.decode)
+        net.encode_value = timer.wrap("value encoding", net.encode_value)
+        memory.MemoryBank.read = timer.wrap("memory read", memory.MemoryBank.read)
+
+    skip = 1 + cfg["warmup"]  # the annotated frame, then the warm-up frames
+    start = generated = None
+    rss_start = peak_reset = None
+    count = 0
+    for count, (_, labels) in enumerate(propagator.propagate(TimedSource(), {0: clip.labels(0)}), start=1):
+        if count == skip:
+            sync()
+            rss_start, peak_reset = _status_kib("VmRSS"), _reset_peak_rss()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            timer.reset()
+            generated = generation[0]
+            start = time.perf_counter()
+    sync()
+    elapsed = time.perf_counter() - start
+    timed = count - skip
+    generation_s = generation[0] - generated
+    loop_s = elapsed - generation_s
+    result = {
+        **cfg,
+        "weights": weights,
+        "timed_frames": timed,
+        "fps": timed / loop_s,
+        "ms_per_frame": 1000 * loop_s / timed,
+        "gen_ms_per_frame": 1000 * generation_s / timed,
+        "rss_start_mib": _mib(rss_start),
+        "loop_peak_rss_mib": _mib(_status_kib("VmHWM")) if peak_reset else None,
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        "torch": torch.__version__,
+    }
+    if cfg["profile"]:
+        stages = {stage: 1000 * timer.seconds[stage] / timed for stage in STAGES}
+        stages["other"] = 1000 * loop_s / timed - sum(stages.values())
+        result["profile_ms_per_frame"] = stages
+        result["profile_calls"] = {stage: timer.calls[stage] for stage in STAGES}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- parent
+
+
+def run_configuration(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration in a fresh interpreter; failures come back as a row with their error."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"])}
+    command = [sys.executable, "-m", "scripts.benchmark", "--worker", json.dumps(cfg)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        error = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {**cfg, "error": error}
+    return json.loads(lines[-1])
+
+
+def _cell(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def print_table(rows: list[dict[str, Any]], profile: bool) -> None:
+    """The results as a fixed-width table (and the per-stage table with --profile)."""
+    header = ["variant", "size", "infer", "frames", "frames/s", "ms/frame", "gen ms/f", "RSS start", "loop peak"]
+    header += ["process peak", "cuda peak", "weights"]
+    table = []
+    for r in rows:
+        size = "×".join(map(str, r["size"]))
+        infer = str(r["infer_size"] or "native")
+        if "error" in r:
+            table.append([r["variant"], size, infer, str(r["frames"]), f"failed: {r['error']}"])
+            continue
+        table.append(
+            [r["variant"], size, infer, str(r["frames"]), _cell(r["fps"], 2), _cell(r["ms_per_frame"])]
+            + [_cell(r["gen_ms_per_frame"]), _cell(r["rss_start_mib"]), _cell(r["loop_peak_rss_mib"])]
+            + [_cell(r["process_peak_rss_mib"]), _cell(r["cuda_peak_mib"]), r["weights"]]
+        )
+    _print_rows(header, table)
+    if profile:
+        print("\nper-stage time, ms per propagated frame (value encoding runs every --mem-every frames):")
+        header = ["variant", "size", "infer", "frames", *STAGES, "other"]
+        table = [
+            [r["variant"], "×".join(map(str, r["size"])), str(r["infer_size"] or "native"), str(r["frames"])]
+            + [_cell(r["profile_ms_per_frame"][s], 2) for s in (*STAGES, "other")]
+            for r in rows
+            if "profile_ms_per_frame" in r
+        ]
+        _print_rows(header, table)
+
+
+def _print_rows(header: list[str], table: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(row[i]) for row in table if i < len(row))) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)) + "".join(f"  {c}" for c in row[len(widths) :]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+    configurations = [
+        {
+            "variant": variant,
+            "size": list(size),
+            "frames": frames,
+            "threads": args.threads,
+            "device": args.device,
+            "mem_every": args.mem_every,
+            "mem_size": args.mem_size,
+            "top_k": args.top_k,
+            "infer_size": args.infer_size,
+            "checkpoint": args.checkpoint,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "profile": args.profile,
+        }
+        for variant, size, frames in product(args.variants, args.sizes, args.frames)
+    ]
+    print(
+        f"TCMN propagation benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"device {args.device}, {args.threads} threads, mem_every {args.mem_every}, mem_size {args.mem_size}, "
+        f"top_k {args.top_k}; synthetic echo frames, labels discarded; timed after the annotated frame and "
+        f"{args.warmup} warm-up frames, frame generation excluded"
+    )
+    rows = []
+    for cfg in configurations:
+        row = run_configuration(cfg)
+        rows.append(row)
+        done = f"{row['fps']:.2f} frames/s, weights: {row['weights']}" if "error" not in row else row["error"]
+        print(f"  {cfg['variant']} {'×'.join(map(str, cfg['size']))} {cfg['frames']} frames: {done}", flush=True)
+    print()
+    print_table(rows, args.profile)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Training workflow: it learns, resumes exactly, tracks to MLflow, keeps DDP ranks in step and writes checkpoints.
+
+Everything runs `bundle/configs/train.json` (in process through `ConfigWorkflow`, or as the README's command) on a
+tiny synthetic DAVIS root: three 6-frame 64² echo sequences, one held out for validation, 2-frame clips of 64 px.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from monai.losses import DiceCELoss
+from scripts.data import ClipDataset, list_sequences
+from scripts.losses import TemporalContrastiveLoss
+from scripts.network import TCMN
+from scripts.synthetic import write_echo_dataset
+from scripts.training import ClipPropagation, TrainingStep
+from torch.utils.data import default_collate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+META = CONFIGS / "metadata.json"
+TRAIN = CONFIGS / "train.json"
+MULTI_GPU = CONFIGS / "multi_gpu_train.json"
+SUBPROCESS_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Three 6-frame 64² echo sequences; echo02 is validation, so training and validation both have data."""
+    root = tmp_path_factory.mktemp("data")
+    write_echo_dataset(root / "echo", num_sequences=3, num_frames=6, height=64, width=64)
+    split = root / "split.json"
+    split.write_text(json.dumps({"echo/echo00": "train", "echo/echo01": "train", "echo/echo02": "val"}))
+    return SimpleNamespace(root=root / "echo", split=split)
+
+
+def tiny(data: SimpleNamespace, output_dir: Path, **override) -> dict:
+    """Overrides that shrink train.json to seconds: own data only, no ImageNet weights, 2-frame 64 px clips."""
+    settings = {
+        "dataset_dir": str(data.root),
+        "split_file": str(data.split),
+        "output_dir": str(output_dir),
+        "synthetic_echo": False,
+        "pretrained": False,
+        "crop_size": 64,
+        "batch_size": 1,
+        "num_frames": 2,
+        "val_size": 32,
+        "val_interval": 1,
+        "warmup_iterations": 2,
+    }
+    settings.update(override)
+    return settings
+
+
+def cli_args(settings: dict) -> list[str]:
+    """The same settings as command-line flags, booleans spelled as a user types them (fire passes 'false' as str)."""
+    args = []
+    for key, value in settings.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per process unless the caller chose otherwise: the DDP test runs two trainers on a small CPU."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "bundle"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cli(args: list[str], log: Path, launcher: list[str] | None = None) -> None:
+    """Run `monai.bundle run training …` from the repository root; fail with the log's tail if it fails."""
+    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "training", "--meta_file", str(META), *args]
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT
+        )
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n" + log.read_text()[-5000:]
+
+
+def workflow(settings: dict, config_file: list[str] | str = str(TRAIN)) -> ConfigWorkflow:
+    """An initialised in-process training workflow (what `monai.bundle run training` builds)."""
+    wf = ConfigWorkflow(config_file=config_file, meta_file=str(META), logging_file=False, run_id="training", **settings)
+    wf.initialize()
+    return wf
+
+
+def test_a_few_steps_on_a_fixed_clip_reduce_the_loss(data: SimpleNamespace) -> None:
+    """The training iteration (propagation, DiceCE + contrastive, backward, step) must be able to fit one clip."""
+    torch.manual_seed(0)
+    clips = ClipDataset(
+        list_sequences(data.root, "train", data.split), num_frames=3, max_gap=2, crop_size=64, augment=False
+    )
+    batch = default_collate([clips[0]])
+    network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cpu")),
+        network=ClipPropagation(network),
+        optimizer=torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-3),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+    )
+    step = TrainingStep(TemporalContrastiveLoss(pos_gap=1, neg_gap=2), contrastive_weight=0.1, max_objects=2)
+    losses = [step(engine, batch)[0] for _ in range(10)]
+    seg = [out["seg_loss"] for out in losses]
+    assert all(torch.isfinite(torch.tensor([out["loss"] for out in losses])))
+    assert min(seg[-3:]) < 0.7 * seg[0], f"segmentation loss did not fall: {seg}"
+    assert losses[-1]["loss"] < losses[0]["loss"]
+
+
+def test_boolean_flags_given_as_strings_mean_what_they_say(data: SimpleNamespace, tmp_path: Path) -> None:
+    """fire passes `--resume false` as the string 'false', which Python would treat as true."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint_iteration=2.pt").write_bytes(b"")  # must not be loaded
+    wf = workflow(
+        tiny(
+            data,
+            tmp_path,
+            resume="false",
+            use_contrastive="false",
+            synthetic_echo="false",
+            freeze_stride4="false",
+            pretrained="false",
+        )
+    )
+    assert [type(h).__name__ for h in wf.parser.get_parsed_content("train#checkpoint_handlers")] == ["CheckpointSaver"]
+    assert wf.parser.get_parsed_content("train#step").use_contrastive is False
+    assert wf.parser.get_parsed_content("roots") == [str(data.root)]
+    assert all(p.requires_grad for p in wf.parser.get_parsed_content("network").key_encoder.stem.parameters())
+    on = workflow(tiny(data, tmp_path, resume="true", use_contrastive="true", freeze_stride4="true"))
+    assert [type(h).__name__ for h in on.parser.get_parsed_content("train#checkpoint_handlers")] == [
+        "CheckpointSaver",
+        "CheckpointLoader",
+    ]
+    assert on.parser.get_parsed_content("train#step").use_contrastive is True
+    assert not any(p.requires_grad for p in on.parser.get_parsed_content("network").key_encoder.stem.parameters())
+
+
+def train_in_process(settings: dict, stop_at: int | None = None) -> tuple[ConfigWorkflow, list[dict]]:
+    """Run train.json in process, optionally stopping (Ignite `terminate`) after iteration `stop_at`.
+
+    Returns the workflow and, per iteration, what the trainer saw and produced, to compare runs clip by clip.
+    """
+    wf = workflow(settings)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    seen: list[dict] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record(engine) -> None:
+        seen.append(
+            {
+                "iteration": engine.state.iteration,
+                "frame_index": engine.state.batch["frame_index"].tolist(),
+                "image_sum": float(engine.state.batch["image"].double().sum()),
+                "loss": engine.state.output[0]["loss"],
+                "lr": engine.optimizer.param_groups[0]["lr"],
+            }
+        )
+
+    if stop_at is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda engine: engine.terminate())
+    wf.run()
+    wf.finalize()
+    return wf, seen
+
+
+def test_resumed_run_matches_an_uninterrupted_one(data: SimpleNamespace, tmp_path: Path) -> None:
+    """Stopping after iteration 6 of 2 epochs × 4 and resuming must give the uninterrupted run's clips and weights.
+
+    Iteration 6 is mid-epoch, so this needs the sampler to skip the epoch's first two batches, the curriculum and
+    the sampler epoch to be set for epoch 2, and optimiser, LR schedule and trainer state to be restored.
+    """
+    settings = {"max_epochs": 2, "epoch_length": 4, "checkpoint_interval": 2, "max_objects": 2}
+    full, full_seen = train_in_process(tiny(data, tmp_path / "full", **settings))
+    assert [s["iteration"] for s in full_seen] == list(range(1, 9))
+
+    _, first_seen = train_in_process(tiny(data, tmp_path / "stopped", **settings), stop_at=6)
+    assert [s["iteration"] for s in first_seen] == list(range(1, 7))
+    assert (tmp_path / "stopped" / "checkpoints" / "checkpoint_iteration=6.pt").is_file()
+
+    resumed, resumed_seen = train_in_process(tiny(data, tmp_path / "stopped", resume="true", **settings))
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 8
+    assert [s["iteration"] for s in resumed_seen] == [7, 8], "the resumed run did not continue from iteration 6"
+    assert resumed_seen == full_seen[6:], "the resumed run saw other clips, losses or learning rates"
+
+    expected = full.parser.get_parsed_content("network").state_dict()
+    actual = resumed.parser.get_parsed_content("network").state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name].float(), actual[name].float(), atol=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def local_run(data: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's training command with `--tracking mlflow` and no tracking URI: 1 epoch × 3 iterations."""
+    out = tmp_path_factory.mktemp("local_run")
+    settings = tiny(data, out, max_epochs=1, epoch_length=3, checkpoint_interval=2)
+    run_cli(["--config_file", str(TRAIN), *cli_args(settings), "--tracking", "mlflow"], out / "train.log")
+    return out
+
+
+def check_tracked_run(uri: str, experiment: str = "tcmn") -> tuple[object, object]:
+    """The one finished run of `experiment` at `uri` has the losses, learning rate, validation J&F and params."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} at {uri}"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    metrics = set(run.data.metrics)
+    expected = {"train_loss", "seg_loss", "contrastive_loss", "lr_group_0", "val_jf", "epoch_loss"}
+    assert expected <= metrics, f"missing metrics {expected - metrics}"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seg_loss")] == [1, 2, 3]
+    assert 0 <= run.data.metrics["val_jf"] <= 1
+    params = run.data.params
+    assert params["variant"] == "lite" and float(params["learning_rate"]) == 0.0002
+    assert params["pretrained"] == "False" and params["use_contrastive"] == "True"
+    assert params["epoch_length"] == "3"
+    return client, run
+
+
+def test_local_mlflow_store(local_run: Path) -> None:
+    """Without a tracking URI the run goes to `<output_dir>/mlruns.db` (MLflow 3 has no file store)."""
+    db = local_run / "mlruns.db"
+    assert db.is_file()
+    check_tracked_run(f"sqlite:///{db}")
+
+
+def test_checkpoint_outputs(local_run: Path) -> None:
+    """A 1-epoch run leaves interval, final and best checkpoints, and the best one is a plain TCMN state dict."""
+    ckpt = local_run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "checkpoint_final.pt",
+        "checkpoint_iteration=2.pt",
+        "model_best.pt",
+    ]
+    final = torch.load(ckpt / "checkpoint_final.pt", weights_only=True, map_location="cpu")
+    assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer"}
+    assert final["trainer"]["iteration"] == 3
+    best = torch.load(ckpt / "model_best.pt", weights_only=True, map_location="cpu")
+    network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    network.load_state_dict(best, strict=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free local port (SQLite backend, local artifact root), stopped afterwards."""
+    port = free_port()
+    log = open(tmp_path / "mlflow_server.log", "w")
+    env = subprocess_env()
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job-runner worker pool: faster start, clean stop
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    cmd += ["--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow_server.log").read_text()[-3000:])
+            time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_mlflow_server_tracking(mlflow_server: str, data: SimpleNamespace, tmp_path: Path) -> None:
+    """`--tracking mlflow --tracking_uri http://…` logs losses, learning rate, J&F, params and overlay images."""
+    settings = tiny(data, tmp_path / "run", max_epochs=1, epoch_length=3, checkpoint_interval=2)
+    args = ["--config_file", str(TRAIN), *cli_args(settings), "--tracking", "mlflow", "--tracking_uri", mlflow_server]
+    run_cli(args, tmp_path / "train.log")
+    client, run = check_tracked_run(mlflow_server)
+    overlays = [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
+    assert overlays and all(p.startswith("overlays/") and p.endswith(".png") for p in overlays), overlays
+    assert not (tmp_path / "run" / "mlruns.db").exists(), "a server run must not also write a local store"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_in_step(data: SimpleNamespace, tmp_path: Path) -> None:
+    """Two gloo ranks (torchrun) end with identical parameters, each trains its own share, only rank 0 saves.
+
+    A third config, layered on top, gives rank 1 its own checkpoint folder (it must stay empty) and saves each
+    rank's weights, batches per epoch and last epoch's sample indices before the process group is torn down.
+    BatchNorm running statistics are not compared: without SyncBatchNorm (CUDA only) each rank keeps its own, and
+    rank 0's go into the checkpoint.
+    """
+    out = tmp_path / "run"
+    probe = tmp_path / "probe.json"
+    rank = "str(torch.distributed.get_rank())"
+    probe.write_text(
+        json.dumps(
+            {
+                "ckpt_dir": f"$@output_dir + '/checkpoints' + ('' if {rank} == '0' else '_rank' + {rank})",
+                "finalize": [
+                    "$torch.save({'state': @network.state_dict(), 'iteration': @train#trainer.state.iteration,"
+                    " 'batches': len(@train#dataloader), 'indices': list(@train#sampler)},"
+                    f" @output_dir + '/rank' + {rank} + '.pt')",
+                    "$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()",
+                ],
+            }
+        )
+    )
+    settings = tiny(data, out, max_epochs=1, epoch_length=2, checkpoint_interval=1)
+    configs = str([str(TRAIN), str(MULTI_GPU), str(probe)])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_cli(["--config_file", configs, *cli_args(settings)], tmp_path / "train.log", launcher=launcher)
+
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    for r in (rank0, rank1):
+        assert r["iteration"] == 2
+        assert r["batches"] == 2, "each rank must have epoch_length batches, not repeat a share of them"
+    assert not set(rank0["indices"]) & set(rank1["indices"]), "ranks trained on the same clips"
+    network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    parameters = {name for name, _ in network.named_parameters()}
+    for name in parameters:
+        assert torch.equal(rank0["state"][name], rank1["state"][name]), f"ranks differ in {name}"
+
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint_final.pt",
+        "checkpoint_iteration=2.pt",  # n_saved=1: the interval checkpoint of iteration 1 was replaced
+        "model_best.pt",
+    ]
+    rank1_dir = out / "checkpoints_rank1"
+    assert not rank1_dir.exists() or not any(rank1_dir.iterdir()), "rank 1 wrote checkpoints"
+    final = torch.load(out / "checkpoints" / "checkpoint_final.pt", weights_only=True)["network"]
+    for name, value in rank0["state"].items():
+        assert torch.equal(final[name], value), name
+
+
+def test_training_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's measurement runs end to end (at toy size; its numbers are not checked here)."""
+    from scripts import benchmark_training
+
+    args = benchmark_training.parse_args(
+        ["--variant", "lite", "--iterations", "1", "--warmup", "0", "--size", "32", "--batch_size", "1"]
+    )
+    args.variant = "lite"
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test process's thread count alone
+    result = benchmark_training.measure(args)
+    assert result["clips_per_second"] > 0 and result["peak_rss_mib"] > 0
+    assert result["trainable_params"] < sum(
+        p.numel() for p in TCMN("lite", pretrained=False, num_objects=2).parameters()
+    )
