@@ -8,6 +8,7 @@ import itk
 import numpy as np
 import pytest
 from PIL import Image
+
 from scripts.io import write_nifti_series, write_video
 from scripts.synthetic import SyntheticEchoSource
 

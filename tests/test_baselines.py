@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from scipy import ndimage
+
 from scripts.baselines import CopyFirstFrame, FarnebackFlow
 from scripts.metrics import region_j
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import AFFINE, REPO, SAMPLE, SAMPLE_SEQUENCE
 from PIL import Image
+
 from scripts.io import open_video, read_label_series
 from scripts.network import TCMN
 
@@ -137,33 +138,33 @@ def test_inference_on_the_sample(tmp_path: Path, checkpoint: Path) -> None:
 def test_missing_video_and_existing_results_are_refused(
     tmp_path: Path, checkpoint: Path, clip_files: dict[str, Path], masks: dict[str, Path]
 ) -> None:
-    """Both refusals exit non-zero naming the path and leave everything as it was; `--overwrite true` then replaces
-    the old results with the new ones, which keep the NIfTI input's geometry."""
+    """Both refusals exit non-zero naming the path and leave everything as it was; with `--overwrite true` the same
+    job replaces earlier results (in a twin directory, so all three runs overlap) and keeps the NIfTI's geometry."""
     missing, fresh = tmp_path / "no_such_clip.mp4", tmp_path / "fresh"
-    occupied = tmp_path / "occupied"
-    occupied.mkdir()
-    (occupied / "old_seg.nii.gz").write_bytes(b"earlier results")
+    occupied, replaced = tmp_path / "occupied", tmp_path / "replaced"
+    for directory in (occupied, replaced):
+        directory.mkdir()
+        (directory / "old_seg.nii.gz").write_bytes(b"earlier results")
     common = dict(mask=masks["frame0"])
     results = run_all(
         {
             "missing": infer(checkpoint, video=missing, output_dir=fresh, **common),
             "occupied": infer(checkpoint, video=clip_files["nifti"], output_dir=occupied, **common),
+            "overwrite": infer(checkpoint, video=clip_files["nifti"], output_dir=replaced, overwrite="true", **common),
         }
     )
     refused(results["missing"], str(missing), "no such file")
     refused(results["occupied"], str(occupied), "already holds results")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     assert [p.name for p in occupied.iterdir()] == ["old_seg.nii.gz"]
     assert (occupied / "old_seg.nii.gz").read_bytes() == b"earlier results"
 
-    command = infer(checkpoint, video=clip_files["nifti"], output_dir=occupied, overwrite="true", **common)
-    succeeded(run_all({"overwrite": command})["overwrite"])
-    assert [p.name for p in occupied.iterdir()] == ["clip_seg.nii.gz"]
-    no_leftovers(tmp_path)
-    seg, source = nib.load(str(occupied / "clip_seg.nii.gz")), nib.load(str(clip_files["nifti"]))
+    succeeded(results["overwrite"])
+    assert [p.name for p in replaced.iterdir()] == ["clip_seg.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied", "replaced"]  # no staging, no "fresh"
+    seg, source = nib.load(str(replaced / "clip_seg.nii.gz")), nib.load(str(clip_files["nifti"]))
     np.testing.assert_array_equal(seg.affine, AFFINE)
     assert seg.header.get_zooms() == source.header.get_zooms()  # spacing and frame time
-    np.testing.assert_array_equal(series(occupied / "clip_seg.nii.gz")[0], np.asarray(Image.open(masks["frame0"])))
+    np.testing.assert_array_equal(series(replaced / "clip_seg.nii.gz")[0], np.asarray(Image.open(masks["frame0"])))
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.transforms import Compose, Lambdad
 from PIL import Image
+
 from scripts import data
 from scripts.data import (
     DEFAULT_SPLIT_FILE,

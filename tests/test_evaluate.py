@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from scripts.baselines import CopyFirstFrame, FarnebackFlow
 from scripts.evaluate import Evaluation, make_propagator
 from scripts.io import InputError

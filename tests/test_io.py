@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import AFFINE, SAMPLE_SEQUENCE
 from PIL import Image
+
 from scripts.io import (
     PALETTE,
     VIDEO_ROUND_TRIP_MAE,

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+
 from scripts.metrics import aggregate, boundary_f, boundary_map, boundary_radius, region_j, score_sequence
 
 

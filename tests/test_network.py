@@ -109,7 +109,9 @@ def test_contrastive_loss_matches_hand_computed_value() -> None:
     z = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=-1)[None, :, None]
     frame_index = torch.tensor([[0, 1, 9]])
     tau = 0.5
-    loss = TemporalContrastiveLoss(temperature=tau, pos_gap=1, neg_gap=5)(z, frame_index, torch.ones(1, 1, dtype=torch.bool))
+    loss = TemporalContrastiveLoss(temperature=tau, pos_gap=1, neg_gap=5)(
+        z, frame_index, torch.ones(1, 1, dtype=torch.bool)
+    )
 
     def term(a: int, p: int) -> float:
         s = lambda i, j: float(z[0, i, 0] @ z[0, j, 0]) / tau  # noqa: E731

@@ -7,6 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+
 from scripts.io import InputError, open_video, read_annotations
 from scripts.synthetic import CAVITY, MYOCARDIUM, SyntheticEchoSource, echo_frame, echo_labels, write_echo_dataset
 

@@ -23,12 +23,13 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
+from torch.utils.data import default_collate
+
 from scripts.data import ClipDataset, list_sequences
 from scripts.losses import TemporalContrastiveLoss
 from scripts.network import TCMN
 from scripts.synthetic import write_echo_dataset
 from scripts.training import ClipPropagation, TrainingStep
-from torch.utils.data import default_collate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

@@ -13,7 +13,8 @@ apart as `gen ms/f`; decoding a real video costs something else). Sizes are widt
 
 Memory columns, in MiB: `RSS start` when the timed loop starts, `loop peak` the RSS high-water over the timed loop
 (Linux `/proc/self/clear_refs` resets it at loop start; `-` where that is unavailable), `process peak` the whole
-process's `ru_maxrss` (model construction included), and on CUDA `cuda peak`, the largest allocation over the loop.
+process's high-water, model construction included (VmHWM: `ru_maxrss` would also count the parent's RSS at fork),
+and on CUDA `cuda peak`, the largest allocation over the loop.
 
 `--profile` adds a per-stage breakdown in ms per propagated frame: key encoding, memory read, decode and value
 encoding (written every `mem-every` frames, so averaged over all frames), and `other` (resizing, softmax, argmax,
@@ -97,6 +98,15 @@ def _status_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _peak_kib() -> int:
+    """This process's RSS high-water in KiB: VmHWM where /proc has it, else ru_maxrss (KiB on Linux).
+
+    ru_maxrss is the fallback only: on Linux it also counts the parent's RSS at fork time (the forked copy's
+    high-water survives exec), so a worker started by a large process would report that process's size.
+    """
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the loop's own high-water mark can be read afterwards."""
     try:
@@ -147,9 +157,9 @@ def _load_weights(net, variant: str, checkpoint: str | None, device) -> str:
     state = torch.load(path, map_location=device, weights_only=True)
     try:
         net.load_state_dict(state)
-    except RuntimeError:
+    except RuntimeError as err:
         if explicit:
-            raise
+            raise ValueError(f"{path} does not hold {variant} TCMN weights") from err
         return f"random init ({path.name} is not a {variant} model)"
     return str(path)
 
@@ -157,6 +167,7 @@ def _load_weights(net, variant: str, checkpoint: str | None, device) -> str:
 def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this process and return its measurements."""
     import torch
+
     from scripts import memory
     from scripts.inferer import ModelPropagator, PropagationInferer
     from scripts.network import TCMN
@@ -205,11 +216,12 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 
     skip = 1 + cfg["warmup"]  # the annotated frame, then the warm-up frames
     start = generated = None
-    rss_start = peak_reset = None
+    rss_start = peak_reset = peak_before = None
     count = 0
     for count, (_, labels) in enumerate(propagator.propagate(TimedSource(), {0: clip.labels(0)}), start=1):
         if count == skip:
             sync()
+            peak_before = _peak_kib()  # the reset below forgets it
             rss_start, peak_reset = _status_kib("VmRSS"), _reset_peak_rss()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
@@ -230,7 +242,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         "gen_ms_per_frame": 1000 * generation_s / timed,
         "rss_start_mib": _mib(rss_start),
         "loop_peak_rss_mib": _mib(_status_kib("VmHWM")) if peak_reset else None,
-        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "process_peak_rss_mib": max(peak_before, _peak_kib()) / 1024,
         "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "torch": torch.__version__,
     }
@@ -251,10 +263,11 @@ def run_configuration(cfg: dict[str, Any]) -> dict[str, Any]:
     command = [sys.executable, "-m", "scripts.benchmark", "--worker", json.dumps(cfg)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        error = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        return {**cfg, "error": error}
-    return json.loads(lines[-1])
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        result = {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
+    return {**cfg, **result}
 
 
 def _cell(value: Any, digits: int = 1) -> str:
@@ -293,7 +306,8 @@ def print_table(rows: list[dict[str, Any]], profile: bool) -> None:
 
 
 def _print_rows(header: list[str], table: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(row[i]) for row in table if i < len(row))) for i, h in enumerate(header)]
+    full = [row for row in table if len(row) == len(header)]  # failed rows end in one long message
+    widths = [max([len(h)] + [len(row[i]) for row in full]) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)) + "".join(f"  {c}" for c in row[len(widths) :]))
@@ -302,7 +316,11 @@ def _print_rows(header: list[str], table: list[list[str]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(measure(json.loads(args.worker))))
+        try:
+            print(json.dumps(measure(json.loads(args.worker))))
+        except Exception as err:  # reported as the configuration's row; the traceback stays on stderr
+            print(json.dumps({"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"}))
+            raise
         return
     configurations = [
         {

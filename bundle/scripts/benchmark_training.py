@@ -43,6 +43,7 @@ def synthetic_batch(batch_size: int, num_frames: int, size: int, max_objects: in
 def measure(args: argparse.Namespace) -> dict:
     """Time `args.iterations` training iterations of one variant after `args.warmup` untimed ones."""
     from monai.losses import DiceCELoss
+
     from scripts.losses import TemporalContrastiveLoss
     from scripts.network import TCMN
     from scripts.training import ClipPropagation, TrainingStep

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+
 from scripts.io import VideoSource, pixel_info, staged_output, write_png_labels
 
 CAVITY, MYOCARDIUM = 1, 2

@@ -156,7 +156,7 @@ class GapCurriculum:
 
 
 def latest_checkpoint(directory: str | Path) -> str:
-    """Most recent `checkpoint_*.pt` in a run directory (by iteration), or '' when there is none."""
+    """Newest `checkpoint_*.pt` in a run directory (by modification time), or '' when there is none."""
     paths = sorted(Path(directory).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
     return str(paths[-1]) if paths else ""
 
