@@ -57,6 +57,7 @@ def tiny(data: SimpleNamespace, output_dir: Path, **override) -> dict:
         "output_dir": str(output_dir),
         "synthetic_echo": False,
         "pretrained": False,
+        "use_contrastive": True,  # off by default in train.json; on here so the tests cover the contrastive path
         "crop_size": 64,
         "batch_size": 1,
         "num_frames": 2,
