@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from torch.utils.data import DistributedSampler
 
+from scripts import io
 from scripts.data import gap_curriculum
 from scripts.losses import TemporalContrastiveLoss, pool_embeddings
 from scripts.network import TCMN
@@ -231,26 +232,6 @@ class TrackingExtras:
         )
         handler.client.log_image(
             handler.cur_run.info.run_id,
-            overlay(frame, labels),
+            io.overlay(frame, labels.astype(np.uint8)),
             f"overlays/epoch{trainer.state.epoch:03d}_seq{validator.state.iteration}.png",
         )
-
-
-def overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a colour per label into an RGB frame (H×W×3 uint8) for a person to look at."""
-    palette = np.array(
-        [
-            [0, 0, 0],
-            [230, 25, 75],
-            [60, 180, 75],
-            [255, 225, 25],
-            [0, 130, 200],
-            [245, 130, 48],
-            [145, 30, 180],
-            [70, 240, 240],
-        ],
-        dtype=np.float32,
-    )
-    colours = palette[labels.astype(np.int64) % len(palette)]
-    mask = (labels > 0)[..., None]
-    return np.where(mask, (1 - alpha) * frame + alpha * colours, frame).astype(np.uint8)
