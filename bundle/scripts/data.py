@@ -155,6 +155,12 @@ def _resize(img: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tenso
     return F.interpolate(img[None], shape, mode=mode, antialias=smooth, align_corners=False if smooth else None)[0]
 
 
+def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H, W) scaled so the short side equals ``size``, aspect ratio kept (training, validation and inference)."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
+
+
 class ShortSideResized(MapTransform):
     """Resize ``C×H×W`` tensors so the short side equals ``size``, keeping the aspect ratio (MONAI has no such mode).
 
@@ -169,10 +175,7 @@ class ShortSideResized(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key, mode in self.key_iterator(d, self.mode):
-            h, w = d[key].shape[-2:]
-            scale = self.size / min(h, w)
-            shape = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
-            d[key] = _resize(d[key], shape, mode)
+            d[key] = _resize(d[key], short_side_shape(*d[key].shape[-2:], self.size), mode)
         return d
 
 

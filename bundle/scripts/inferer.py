@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
+from scripts.data import short_side_shape
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
 
@@ -63,9 +64,8 @@ class PropagationInferer(Inferer):
         """1×3×H×W in [0, 1] → on device, resized to `size` on the short side, channels_last."""
         frame = frame.to(self.device, non_blocking=True)
         if self.size is not None:
-            h, w = frame.shape[-2:]
-            scale = self.size / min(h, w)
-            frame = F.interpolate(frame, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True)
+            shape = short_side_shape(*frame.shape[-2:], self.size)
+            frame = F.interpolate(frame, size=shape, mode="bilinear", antialias=True)
         return frame.contiguous(memory_format=torch.channels_last)
 
     def steps(

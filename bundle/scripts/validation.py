@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ignite.metrics import Metric
 from PIL import Image
 
-from scripts.data import Sequence
+from scripts.data import Sequence, short_side_shape
 from scripts.metrics import boundary_f, region_j
 
 
@@ -36,9 +36,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         image = image.permute(3, 0, 1, 2).float() / 255  # 3×T×H×W
         label = label[None]  # 1×T×H×W
         if self.size is not None:
-            h, w = image.shape[-2:]
-            scale = self.size / min(h, w)
-            shape = (round(h * scale), round(w * scale))
+            shape = short_side_shape(*image.shape[-2:], self.size)
             image = F.interpolate(image.transpose(0, 1), size=shape, mode="bilinear", antialias=True).transpose(0, 1)
             label = F.interpolate(label.transpose(0, 1).float(), size=shape, mode="nearest").long().transpose(0, 1)
         return {"image": image, "label": label, "name": seq.key}
