@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 from torch.utils.data import default_collate
@@ -29,7 +29,8 @@ from scripts.data import ClipDataset, list_sequences
 from scripts.losses import TemporalContrastiveLoss
 from scripts.network import TCMN
 from scripts.synthetic import write_echo_dataset
-from scripts.training import ClipPropagation, TrainingStep
+from scripts import training
+from scripts.training import ClipPropagation, TimeBudget, TrainingStep, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -205,6 +206,86 @@ def test_resumed_run_matches_an_uninterrupted_one(data: SimpleNamespace, tmp_pat
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.allclose(expected[name].float(), actual[name].float(), atol=1e-6), name
+
+
+class FakeClock:
+    """`time.monotonic` for `TimeBudget`, advanced by the engine's own iterations instead of the wall clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked_engine(clock: FakeClock, seconds_per_iteration: list[float]) -> Engine:
+    """An Ignite engine whose iteration `i` (1-based) takes `seconds_per_iteration[i - 1]` fake seconds."""
+
+    def step(engine: Engine, batch: int) -> None:
+        clock.now += seconds_per_iteration[engine.state.iteration - 1]
+
+    return Engine(step)
+
+
+def test_time_budget_fits_epochs_and_schedule_to_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1 s per iteration, a 100 s budget of 10-iteration epochs becomes 10 epochs and a 100-step cosine."""
+    clock = FakeClock()
+    monkeypatch.setattr(training.time, "monotonic", clock)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine(optimizer, total_steps=10_000, warmup_steps=5)
+    engine = clocked_engine(clock, [1.0] * 10_000)
+    TimeBudget(100, scheduler, probe=20, warmup=5).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scheduler.step())
+    engine.run(range(10), max_epochs=1000, epoch_length=10)
+    assert engine.state.iteration == 100 and engine.state.max_epochs == 10
+    assert scheduler.lr_lambdas[0].total_steps == 100
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01, abs=1e-3), "the cosine must have decayed"
+    assert "total_steps" in str(scheduler.state_dict()["lr_lambdas"]), "a resumed run must get the fitted length"
+
+
+def test_time_budget_stops_at_the_deadline_when_the_pace_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Iterations that slow from 1 s to 5 s after the probe cannot overrun the budget by more than one iteration."""
+    clock = FakeClock()
+    monkeypatch.setattr(training.time, "monotonic", clock)
+    engine = clocked_engine(clock, [1.0] * 20 + [5.0] * 10_000)
+    TimeBudget(100, probe=20, warmup=5).attach(engine)
+    engine.run(range(10), max_epochs=1000, epoch_length=10)
+    assert clock.now - 1000.0 <= 105
+    assert engine.state.iteration < 100
+
+
+def test_time_budget_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        TimeBudget(0)
+    with pytest.raises(ValueError, match="warmup"):
+        TimeBudget(10, probe=5, warmup=5)
+
+
+def test_init_weights_and_workers(data: SimpleNamespace, tmp_path: Path) -> None:
+    """`--init_weights` starts from a plain state dict (e.g. the shipped model.pt); loading runs in DataLoader
+    workers; `--time_budget` attaches the budget handler."""
+    source = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    torch.nn.init.constant_(source.decoder.pred.weight, 0.5)  # not what a fresh network starts from
+    weights = tmp_path / "init.pt"
+    torch.save(source.state_dict(), weights)
+    settings = tiny(
+        data,
+        tmp_path / "run",
+        max_epochs=1,
+        epoch_length=2,
+        learning_rate=0.0,
+        num_workers=2,
+        init_weights=str(weights),
+        time_budget=600,
+        val_interval=5,
+    )
+    wf, seen = train_in_process(settings)
+    assert [s["iteration"] for s in seen] == [1, 2]
+    handlers = [type(h).__name__ for h in wf.parser.get_parsed_content("train#handlers")]
+    assert "TimeBudget" in handlers
+    trained = wf.parser.get_parsed_content("network")
+    for (name, expected), actual in zip(source.named_parameters(), trained.parameters()):
+        assert torch.equal(expected, actual.detach().cpu()), f"{name} was not initialised from --init_weights"
 
 
 @pytest.fixture(scope="module")

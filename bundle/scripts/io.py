@@ -31,12 +31,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import av
 import nibabel as nib
 import numpy as np
 from monai.data import ITKReader
+from monai.utils import optional_import
 from numpy.lib import recfunctions
 from PIL import GifImagePlugin, Image
+
+# PyAV (video) is a dependency, but imported lazily: training and evaluation on frame folders never need it, so a
+# GPU host without its wheel still runs them; opening a video there fails with MONAI's OptionalImportError naming it.
+av, _ = optional_import("av")
 
 MAX_LABEL = 255
 VIDEO_ROUND_TRIP_MAE = 6.0

@@ -18,11 +18,14 @@ def affinity(mem_key: torch.Tensor, query_key: torch.Tensor, clamp: float = AFFI
     """Scaled negative squared L2 distance (STCN), B×N×M for memory keys B×C×N and query keys B×C×M.
 
     The query's own ||q||² is constant over memory positions, so it cancels in the softmax and is left out.
+    Computed in float32 even under autocast: in float16 the difference of two large terms loses the affinity.
     """
     c = mem_key.shape[1]
-    mem_sq = mem_key.pow(2).sum(1).unsqueeze(2)  # B×N×1
-    cross = mem_key.transpose(1, 2) @ query_key  # B×N×M
-    return ((2 * cross - mem_sq) / math.sqrt(c)).clamp(min=-clamp)
+    with torch.autocast(mem_key.device.type, enabled=False):
+        mem_key, query_key = mem_key.float(), query_key.float()
+        mem_sq = mem_key.pow(2).sum(1).unsqueeze(2)  # B×N×1
+        cross = mem_key.transpose(1, 2) @ query_key  # B×N×M
+        return ((2 * cross - mem_sq) / math.sqrt(c)).clamp(min=-clamp)
 
 
 def softmax_weights(aff: torch.Tensor, top_k: int | None = None) -> torch.Tensor:

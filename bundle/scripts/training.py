@@ -9,6 +9,7 @@ read from memory, decoded, and its prediction encoded back as a value, so what i
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,18 +143,22 @@ class SamplerResumer:
 
 
 class GapCurriculum:
-    """Set the clip dataset's maximum frame gap at each epoch start, following `data.gap_curriculum`."""
+    """Set the clip dataset's maximum frame gap at each epoch start, following `data.gap_curriculum`.
 
-    def __init__(self, dataset, max_epochs: int, start: int, peak: int, end: int) -> None:
+    The curriculum spans the engine's current `max_epochs`, so it follows a `TimeBudget` that shortens the run.
+    """
+
+    def __init__(self, dataset, start: int, peak: int, end: int) -> None:
         self.dataset = dataset
-        self.max_epochs = max_epochs
         self.start, self.peak, self.end = start, peak, end
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        self.dataset.max_gap = gap_curriculum(engine.state.epoch - 1, self.max_epochs, self.start, self.peak, self.end)
+        self.dataset.max_gap = gap_curriculum(
+            engine.state.epoch - 1, engine.state.max_epochs, self.start, self.peak, self.end
+        )
 
 
 def latest_checkpoint(directory: str | Path) -> str:
@@ -162,16 +167,89 @@ def latest_checkpoint(directory: str | Path) -> str:
     return str(paths[-1]) if paths else ""
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100):
-    """Linear warm-up then cosine decay to 1 % of the base rate, stepped per iteration."""
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up, then cosine decay to 1 % of the base rate at `total_steps`.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    An object rather than a closure so that `TimeBudget` can change its length and `LambdaLR.state_dict` saves it.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int = 100) -> None:
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`WarmupCosine` as a per-iteration scheduler."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps))
+
+
+class TimeBudget:
+    """Fit a training run into `seconds` of wall-clock time, learning-rate decay included.
+
+    Ignite's `TimeLimit` only stops the engine, leaving the learning rate mid-schedule and the gap curriculum
+    mid-way. This handler measures the pace (iterations per second, skipping the first `warmup` iterations of
+    start-up) after `probe` iterations and at every epoch end, then sets `max_epochs` to the whole epochs that fit
+    in the time left, and stretches or shrinks the `WarmupCosine` schedule to match. It still stops at `seconds` if
+    the pace drops. Single-process only: DDP ranks would each decide on their own clock and fall out of step.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        lr_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
+        probe: int = 30,
+        warmup: int = 5,
+    ) -> None:
+        if seconds <= 0:
+            raise ValueError(f"time budget must be positive seconds, got {seconds}")
+        if not 0 <= warmup < probe:
+            raise ValueError(f"need 0 <= warmup < probe, got warmup={warmup}, probe={probe}")
+        self.seconds, self.probe, self.warmup = seconds, probe, warmup
+        self.schedule = next(
+            (f for f in getattr(lr_scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosine)), None
+        )
+        self.started = self.mark = 0.0
+        self.first = self.mark_iteration = 0
+
+    def attach(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                raise ValueError("time_budget works in single-process training only (DDP ranks would disagree)")
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.fit)
+
+    def start(self, engine: Engine) -> None:
+        self.started = time.monotonic()
+        self.first = engine.state.iteration  # a resumed run starts mid-way
+
+    def on_iteration(self, engine: Engine) -> None:
+        done = engine.state.iteration - self.first
+        if done == self.warmup:
+            self.mark, self.mark_iteration = time.monotonic(), engine.state.iteration
+        elif done == self.probe:
+            self.fit(engine)
+        if time.monotonic() - self.started >= self.seconds:
+            engine.terminate()
+
+    def fit(self, engine: Engine) -> None:
+        """Set max_epochs (and the schedule's length) to what the measured pace fits in the time left."""
+        state = engine.state
+        if state.iteration - self.first <= self.warmup:
+            return
+        now = time.monotonic()
+        pace = (state.iteration - self.mark_iteration) / max(now - self.mark, 1e-9)
+        total = state.iteration + pace * (self.seconds - (now - self.started))
+        state.max_epochs = max(state.epoch, int(total // state.epoch_length))
+        if self.schedule is not None:
+            self.schedule.total_steps = state.max_epochs * state.epoch_length
 
 
 def _mlflow_handler(engine: Engine) -> MLFlowHandler | None:

@@ -1,0 +1,67 @@
+"""Shrink DAVIS-layout data roots: short side down to ``--short-side``, frames re-encoded as JPEG.
+
+Why: a copy of the training data has to travel to a lent GPU machine inside a 64 MiB working tree, and smaller
+frames also decode faster in the clip loader. Training crops are drawn relative to the short side
+(``data.RandResizedCropd``), so the crops a packed root gives cover the same fraction of the scene as the original's.
+Label maps are resized with nearest neighbour and kept as PNG. Frames already at or under the size are only
+re-encoded. The output root must not exist (nothing is overwritten).
+
+    python -m scripts.pack_data ../shared/data/vocalfolds packed/vocalfolds --short-side 320 --quality 85
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from scripts.data import list_sequences, short_side_shape
+from scripts.io import InputError, staged_output
+
+
+def pack(source: Path, target: Path, short_side: int, quality: int) -> int:
+    """Write the packed copy of ``source`` to ``target``; returns the number of frames."""
+    if target.exists():
+        raise InputError(f"{target}: already exists; choose a new output folder")
+    count = 0
+    with staged_output(target) as staging:
+        for seq in list_sequences(source):
+            for kind in ("JPEGImages", "Annotations"):
+                (staging / kind / seq.name).mkdir(parents=True)
+            for frame, mask in zip(seq.frames, seq.masks):
+                with Image.open(frame) as im:
+                    image = im.convert("RGB")
+                with Image.open(mask) as im:
+                    label = im.copy()
+                if min(image.size) > short_side:
+                    h, w = short_side_shape(image.height, image.width, short_side)
+                    image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+                    label = label.resize((w, h), Image.Resampling.NEAREST)
+                image.save(staging / "JPEGImages" / seq.name / f"{frame.stem}.jpg", quality=quality)
+                label.save(staging / "Annotations" / seq.name / f"{mask.stem}.png", optimize=True)
+                count += 1
+        if (source / "meta.json").is_file():
+            shutil.copy2(source / "meta.json", staging / "meta.json")
+    return count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="DAVIS root (JPEGImages/, Annotations/)")
+    parser.add_argument("target", type=Path, help="new output root (must not exist)")
+    parser.add_argument("--short-side", type=int, default=320)
+    parser.add_argument("--quality", type=int, default=85, help="JPEG quality, 1-95")
+    args = parser.parse_args(argv)
+    if args.short_side < 16 or not 1 <= args.quality <= 95:
+        parser.error("--short-side must be >= 16 and --quality in 1..95")
+    try:
+        count = pack(args.source, args.target, args.short_side, args.quality)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from e
+    print(f"{args.target}: {count} frames")
+
+
+if __name__ == "__main__":
+    main()
