@@ -199,3 +199,21 @@ def test_split_file_covers_shared_data(shared_data: Path) -> None:
     for dataset in ("cvc_clinicdb", "vocalfolds"):
         val = [k for k in keys if k.startswith(dataset) and split[k] == "val"]
         assert 0 < len(val) < len([k for k in keys if k.startswith(dataset)])
+
+
+def test_pack_data_shrinks_frames_keeps_labels_and_never_overwrites(davis: tuple[Path, Path], tmp_path: Path) -> None:
+    """A packed root has the same sequences and frames, short side at the limit, nearest-neighbour labels."""
+    from scripts.pack_data import main
+
+    target = tmp_path / "dsa"
+    main([str(davis[0]), str(target), "--short-side", "24", "--quality", "90"])
+    packed, original = list_sequences(target), list_sequences(davis[0])
+    assert [(s.name, len(s.frames)) for s in packed] == [(s.name, len(s.frames)) for s in original]
+    with Image.open(packed[0].frames[0]) as im:
+        assert im.size == (32, 24)  # 64×48 scaled so the short side is 24
+    labels = np.asarray(Image.open(packed[0].masks[0]))
+    assert labels.shape == (24, 32) and set(np.unique(labels)) == {0, 1, 2}, "labels must not be interpolated"
+    before = sorted(p.stat().st_mtime_ns for p in target.rglob("*"))
+    with pytest.raises(SystemExit, match="already exists"):
+        main([str(davis[0]), str(target)])
+    assert sorted(p.stat().st_mtime_ns for p in target.rglob("*")) == before

@@ -56,6 +56,17 @@ def test_memory_read_equals_hand_computed_attention() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_affinity_stays_float32_under_autocast() -> None:
+    """Under reduced-precision autocast (fp16 on GPU at inference) the affinity is still computed in float32."""
+    torch.manual_seed(0)
+    mk, q = torch.randn(1, 8, 20) * 30, torch.randn(1, 8, 6) * 30
+    expected = memory.affinity(mk, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = memory.affinity(mk, q)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected)
+
+
 def test_top_k_equals_softmax_when_k_covers_memory() -> None:
     torch.manual_seed(1)
     mk, q, mv = torch.randn(2, 8, 20), torch.randn(2, 8, 7), torch.randn(2, 1, 4, 20)
