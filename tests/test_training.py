@@ -25,11 +25,11 @@ from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 from torch.utils.data import default_collate
 
+from scripts import training
 from scripts.data import ClipDataset, list_sequences
 from scripts.losses import TemporalContrastiveLoss
 from scripts.network import TCMN
 from scripts.synthetic import write_echo_dataset
-from scripts import training
 from scripts.training import ClipPropagation, TimeBudget, TrainingStep, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,10 @@
 """Training throughput and peak memory of the `lite` and `full` TCMN variants, one fresh process per variant.
 
-Each measurement runs what one `SupervisedTrainer` iteration of `train.json` runs (clip propagation, DiceCE +
-λ · temporal contrastive loss, backward, AdamW step, through `scripts.training.TrainingStep`) on random clips of the
-configured shape, so it isolates the network's cost from data loading. Variants run in separate subprocesses so a
-peak-memory reading (the process's RSS high-water mark, or CUDA's peak allocation) is never the other variant's.
+Each measurement runs what one `SupervisedTrainer` iteration of `train.json` runs (clip propagation, DiceCE, plus
+λ · temporal contrastive loss with `--contrastive`, backward, AdamW step, through `scripts.training.TrainingStep`) on
+random clips of the configured shape, so it isolates the network's cost from data loading. Variants run in separate
+subprocesses so a peak-memory reading (the process's RSS high-water mark, or CUDA's peak allocation) is never the
+other variant's.
 
     python -m scripts.benchmark_training [--variant lite full] [--iterations 10] [--threads 1] [--device cpu|cuda]
 """
@@ -61,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer=torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
     )
-    step = TrainingStep(TemporalContrastiveLoss(0.1, 3, 8), contrastive_weight=0.1, use_contrastive=True)
+    step = TrainingStep(TemporalContrastiveLoss(0.1, 3, 8), contrastive_weight=0.1, use_contrastive=args.contrastive)
     batch = synthetic_batch(args.batch_size, args.num_frames, args.size, max_objects=2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -82,6 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "num_frames": args.num_frames,
         "size": args.size,
+        "contrastive": args.contrastive,
         "iterations": args.iterations,
         "trainable_params": sum(p.numel() for p in params),
         "seconds_per_iteration": elapsed / args.iterations,
@@ -103,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--num_frames", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--contrastive", action="store_true", help="add the temporal contrastive loss (off in train.json)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one variant, result on stdout
     args = parser.parse_args(argv)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     forwarded = [
         f"--{name}={getattr(args, name)}"
         for name in ("iterations", "warmup", "threads", "device", "batch_size", "num_frames", "size")
-    ]
+    ] + (["--contrastive"] if args.contrastive else [])
     for variant in args.variant:
         cmd = [sys.executable, "-m", "scripts.benchmark_training", "--worker", "--variant", variant, *forwarded]
         proc = subprocess.run(cmd, capture_output=True, text=True)

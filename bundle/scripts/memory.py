@@ -21,7 +21,7 @@ def affinity(mem_key: torch.Tensor, query_key: torch.Tensor, clamp: float = AFFI
     Computed in float32 even under autocast: in float16 the difference of two large terms loses the affinity.
     """
     c = mem_key.shape[1]
-    with torch.autocast(mem_key.device.type, enabled=False):
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):  # constants: TorchScript
         mem_key, query_key = mem_key.float(), query_key.float()
         mem_sq = mem_key.pow(2).sum(1).unsqueeze(2)  # B×N×1
         cross = mem_key.transpose(1, 2) @ query_key  # B×N×M

@@ -34,9 +34,13 @@ class ClipPropagation(torch.nn.Module):
         self.network = network
 
     def forward(
-        self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor
+        self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor, last_value: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K → logits B×(T−1)×(K+1)×H×W, values B×T×K×Cv×h×w."""
+        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K → logits B×(T−1)×(K+1)×H×W, values B×T×K×Cv×h×w.
+
+        The last frame's value is read by nothing but the contrastive loss; `last_value=False` skips encoding it
+        (values B×(T−1)×…), about a tenth of a CPU iteration.
+        """
         net = self.network
         b, t = image.shape[:2]
         size = (image.shape[-2], image.shape[-1])
@@ -50,7 +54,7 @@ class ClipPropagation(torch.nn.Module):
             readout = net.read(mem_key, mem_value, key[:, i], top_k=None)
             out = net.decode(readout, f16[:, i], f8[:, i], f4[:, i], size, valid)
             logits.append(out)
-            if i < t - 1 or net.training:
+            if i < t - 1 or last_value:
                 values.append(net.encode_value(image[:, i], f16[:, i], torch.softmax(out, dim=1)[:, 1:]))
         return torch.stack(logits, dim=1), torch.stack(values, dim=1)
 
@@ -91,7 +95,7 @@ class TrainingStep:
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        logits, values = engine.network(image, masks[:, 0], valid)
+        logits, values = engine.network(image, masks[:, 0], valid, self.use_contrastive)
         seg = torch.stack([engine.loss_function(logits[:, i], label[:, i + 1]) for i in range(logits.shape[1])]).mean()
         if self.use_contrastive:
             embeddings = pool_embeddings(values, masks)
@@ -212,9 +216,7 @@ class TimeBudget:
         if not 0 <= warmup < probe:
             raise ValueError(f"need 0 <= warmup < probe, got warmup={warmup}, probe={probe}")
         self.seconds, self.probe, self.warmup = seconds, probe, warmup
-        self.schedule = next(
-            (f for f in getattr(lr_scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosine)), None
-        )
+        self.schedule = next((f for f in getattr(lr_scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosine)), None)
         self.started = self.mark = 0.0
         self.first = self.mark_iteration = 0
 
