@@ -64,6 +64,8 @@ def refused(result: subprocess.CompletedProcess, *phrases: str) -> None:
     assert result.returncode != 0, f"{' '.join(result.args)} succeeded\n{result.stdout[-2000:]}"
     for phrase in phrases:
         assert phrase in result.stderr, f"{phrase!r} not in stderr:\n{result.stderr[-4000:]}"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(p in last for p in phrases[:1]), f"last line of stderr: {last!r}"
 
 
 def no_leftovers(directory: Path) -> None:
