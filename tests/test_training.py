@@ -201,6 +201,10 @@ def test_resumed_run_matches_an_uninterrupted_one(data: SimpleNamespace, tmp_pat
     assert [s["iteration"] for s in resumed_seen] == [7, 8], "the resumed run did not continue from iteration 6"
     assert resumed_seen == full_seen[6:], "the resumed run saw other clips, losses or learning rates"
 
+    stopped = torch.load(tmp_path / "stopped" / "checkpoints" / "checkpoint_iteration=6.pt", weights_only=True)
+    assert len(stopped["best_tracker"]["_saved"]) == 1, "the best validation score so far must be checkpointed"
+    best = [resumed.parser.get_parsed_content("best_tracker"), full.parser.get_parsed_content("best_tracker")]
+    assert best[0].state_dict() == best[1].state_dict(), "after resume, model_best.pt must track the same best"
     expected = full.parser.get_parsed_content("network").state_dict()
     actual = resumed.parser.get_parsed_content("network").state_dict()
     assert expected.keys() == actual.keys()
@@ -336,7 +340,7 @@ def test_checkpoint_outputs(local_run: Path) -> None:
         "model_best.pt",
     ]
     final = torch.load(ckpt / "checkpoint_final.pt", weights_only=True, map_location="cpu")
-    assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer"}
+    assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer", "best_tracker"}
     assert final["trainer"]["iteration"] == 3
     best = torch.load(ckpt / "model_best.pt", weights_only=True, map_location="cpu")
     network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
