@@ -321,6 +321,11 @@ def check_tracked_run(uri: str, experiment: str = "tcmn") -> tuple[object, objec
     assert params["variant"] == "lite" and float(params["learning_rate"]) == 0.0002
     assert params["pretrained"] == "False" and params["use_contrastive"] == "True"
     assert params["epoch_length"] == "3"
+    logged = [a.path for a in client.list_artifacts(run.info.run_id)]
+    executed = [a for a in logged if a.startswith("config_") and a.endswith(".json")]
+    assert len(executed) == 1, f"the executed config is not among the run's artifacts {logged}"
+    config = json.loads(Path(client.download_artifacts(run.info.run_id, executed[0])).read_text())
+    assert config["epoch_length"] == 3 and config["variant"] == "lite"
     return client, run
 
 

@@ -265,15 +265,22 @@ def _mlflow_handler(engine: Engine) -> MLFlowHandler | None:
 
 
 class TrackingExtras:
-    """What MONAI's MLFlowHandler does not log by itself: hyper-parameters, the loss terms and overlay images.
+    """What MONAI's MLFlowHandler does not log by itself: hyper-parameters, the loss terms, overlay images and the
+    executed config.
 
     Inactive unless `--tracking mlflow` attached an MLFlowHandler to the trainer; it then writes to that handler's run.
+    MONAI saves the executed config as `<output_dir>/config_<time>.json` but hands MLflow a broken path for it when
+    `output_dir` is a plain string (it joins the raw value and an expression), so the newest such file in `output_dir`
+    is logged here.
     """
 
-    def __init__(self, params: dict, validator: Engine | None = None, num_images: int = 2) -> None:
+    def __init__(
+        self, params: dict, validator: Engine | None = None, num_images: int = 2, output_dir: str | None = None
+    ) -> None:
         self.params = params
         self.validator = validator
         self.num_images = num_images
+        self.output_dir = output_dir
         self.handler: MLFlowHandler | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -288,6 +295,9 @@ class TrackingExtras:
                 run_id = self.handler.cur_run.info.run_id
                 for key, value in self.params.items():
                     self.handler.client.log_param(run_id, key, value)
+                configs = sorted(Path(self.output_dir).glob("config_*.json")) if self.output_dir else []
+                if configs:
+                    self.handler.client.log_artifact(run_id, str(configs[-1]))
         return self.handler if self.handler is not None and self.handler.cur_run is not None else None
 
     def on_iteration(self, engine: Engine) -> None:
