@@ -214,6 +214,6 @@ def test_pack_data_shrinks_frames_keeps_labels_and_never_overwrites(davis: tuple
     labels = np.asarray(Image.open(packed[0].masks[0]))
     assert labels.shape == (24, 32) and set(np.unique(labels)) == {0, 1, 2}, "labels must not be interpolated"
     before = sorted(p.stat().st_mtime_ns for p in target.rglob("*"))
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit, match="already holds results"):
         main([str(davis[0]), str(target)])
     assert sorted(p.stat().st_mtime_ns for p in target.rglob("*")) == before

@@ -4,7 +4,7 @@ Why: a copy of the training data has to travel to a lent GPU machine inside a 64
 frames also decode faster in the clip loader. Training crops are drawn relative to the short side
 (``data.RandResizedCropd``), so the crops a packed root gives cover the same fraction of the scene as the original's.
 Label maps are resized with nearest neighbour and kept as PNG. Frames already at or under the size are only
-re-encoded. The output root must not exist (nothing is overwritten).
+re-encoded. An existing output root must be empty (nothing is overwritten).
 
     python -m scripts.pack_data ../shared/data/vocalfolds packed/vocalfolds --short-side 320 --quality 85
 """
@@ -23,8 +23,6 @@ from scripts.io import InputError, staged_output
 
 def pack(source: Path, target: Path, short_side: int, quality: int) -> int:
     """Write the packed copy of ``source`` to ``target``; returns the number of frames."""
-    if target.exists():
-        raise InputError(f"{target}: already exists; choose a new output folder")
     count = 0
     with staged_output(target) as staging:
         for seq in list_sequences(source):
@@ -50,7 +48,7 @@ def pack(source: Path, target: Path, short_side: int, quality: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="DAVIS root (JPEGImages/, Annotations/)")
-    parser.add_argument("target", type=Path, help="new output root (must not exist)")
+    parser.add_argument("target", type=Path, help="new output root (absent or empty)")
     parser.add_argument("--short-side", type=int, default=320)
     parser.add_argument("--quality", type=int, default=85, help="JPEG quality, 1-95")
     args = parser.parse_args(argv)
