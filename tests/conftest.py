@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.io import write_nifti_series, write_video
+from scripts.outputs import write_nifti_series
+from scripts.overlay import write_video
 from scripts.synthetic import SyntheticEchoSource
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,9 @@ import torch
 from conftest import AFFINE, REPO, SAMPLE, SAMPLE_SEQUENCE
 from PIL import Image
 
-from scripts.io import open_video, read_label_series
+from scripts.annotations import read_label_series
 from scripts.network import TCMN
+from scripts.readers import open_video
 
 CONFIGS = REPO / "bundle" / "configs"
 TIMEOUT_S = 900

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
+from monai.bundle import ConfigParser
 from monai.transforms import Compose, Lambdad
 from PIL import Image
 
@@ -16,13 +18,21 @@ from scripts.data import (
     DEFAULT_SPLIT_FILE,
     ClipDataset,
     Sequence,
+    clip_transforms,
     gap_curriculum,
     list_sequences,
     load_split,
-    make_clip_transforms,
 )
 
 H, W, FRAMES = 48, 64, 6
+
+
+def augmentation(crop_size: int) -> Compose:
+    """The training augmentation exactly as `train.json` declares it (`train#transforms`), for `crop_size`."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "train.json"))
+    parser["crop_size"] = crop_size
+    return parser.get_parsed_content("train#transforms")
 
 
 def _write_sequence(root: Path, name: str, shift: int) -> None:
@@ -101,7 +111,8 @@ def test_invalid_inputs_name_the_path(davis: tuple[Path, Path], tmp_path: Path) 
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_clip_shapes_and_types(sequences: list[Sequence], augment: bool) -> None:
-    dataset = ClipDataset(sequences, num_frames=3, crop_size=32, samples_per_epoch=7, augment=augment)
+    transforms = augmentation(32) if augment else None
+    dataset = ClipDataset(sequences, num_frames=3, crop_size=32, samples_per_epoch=7, transforms=transforms)
     assert len(dataset) == 7
     clip = dataset[0]
     assert clip["image"].shape == (3, 3, 32, 32) and clip["image"].dtype == torch.float32
@@ -113,7 +124,7 @@ def test_clip_shapes_and_types(sequences: list[Sequence], augment: bool) -> None
 
 
 def test_frames_in_temporal_order_with_bounded_gaps(sequences: list[Sequence]) -> None:
-    dataset = ClipDataset(sequences, num_frames=3, max_gap=2, crop_size=16, augment=False)
+    dataset = ClipDataset(sequences, num_frames=3, max_gap=2, crop_size=16)
     directions = {_check_order(dataset[i]["frame_index"].numpy(), 2) for i in range(40)}
     assert directions == {1, -1}  # reversed in time about half of the time
     dataset.max_gap = 1  # the curriculum handler changes it between epochs
@@ -123,7 +134,7 @@ def test_frames_in_temporal_order_with_bounded_gaps(sequences: list[Sequence]) -
 
 def test_short_sequence_repeats_frames(sequences: list[Sequence]) -> None:
     short = Sequence("dsa", "short", sequences[0].frames[:2], sequences[0].masks[:2])
-    dataset = ClipDataset([short], num_frames=4, crop_size=16, augment=False)
+    dataset = ClipDataset([short], num_frames=4, crop_size=16)
     for i in range(10):
         indices = dataset[i]["frame_index"].numpy()
         assert len(indices) == 4 and set(indices) <= {0, 1}
@@ -132,7 +143,7 @@ def test_short_sequence_repeats_frames(sequences: list[Sequence]) -> None:
 
 def test_augmentation_identical_across_frames(sequences: list[Sequence]) -> None:
     still = Sequence("dsa", "still", [sequences[0].frames[2]] * FRAMES, [sequences[0].masks[2]] * FRAMES)
-    dataset = ClipDataset([still], num_frames=4, crop_size=32, augment=True)
+    dataset = ClipDataset([still], num_frames=4, crop_size=32, transforms=augmentation(32))
     for i in range(8):
         clip = dataset[i]
         for t in range(1, 4):
@@ -142,7 +153,7 @@ def test_augmentation_identical_across_frames(sequences: list[Sequence]) -> None
 
 def test_objects_remapped_and_first_frame_annotated(sequences: list[Sequence]) -> None:
     for max_objects in (1, 2):
-        dataset = ClipDataset(sequences, crop_size=24, max_objects=max_objects, augment=True)
+        dataset = ClipDataset(sequences, crop_size=24, max_objects=max_objects, transforms=augmentation(24))
         for i in range(12):
             clip = dataset[i]
             k = clip["num_objects"]
@@ -162,21 +173,21 @@ def test_vanished_objects_are_dropped(sequences: list[Sequence], monkeypatch: py
 
 
 def test_same_seed_and_index_give_same_clip(sequences: list[Sequence]) -> None:
-    a = ClipDataset(sequences, crop_size=24, seed=5)
-    b = ClipDataset(sequences, crop_size=24, seed=5, cache=False)
+    a = ClipDataset(sequences, crop_size=24, seed=5, transforms=augmentation(24))
+    b = ClipDataset(sequences, crop_size=24, seed=5, cache=False, transforms=augmentation(24))
     for i in (0, 3, 1000):  # indices beyond len are valid: the sampler offsets them per epoch
         x, y = a[i], b[i]
         assert all(torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])) for k in x)
-    different = ClipDataset(sequences, crop_size=24, seed=6)
+    different = ClipDataset(sequences, crop_size=24, seed=6, transforms=augmentation(24))
     assert any(not torch.equal(a[i]["image"], different[i]["image"]) for i in range(3))
     assert any(not torch.equal(a[i]["image"], a[i + 1]["image"]) for i in range(3))
 
 
-def test_transforms_factory_without_augment_is_a_centre_crop() -> None:
+def test_transforms_without_augmentation_are_a_centre_crop() -> None:
     image = torch.arange(3 * 40 * 60, dtype=torch.float32).reshape(3, 40, 60) / (3 * 40 * 60)
     label = torch.zeros(1, 40, 60)
     label[0, :, 20:40] = 1
-    out = make_clip_transforms(20, augment=False)({"image": image, "label": label})
+    out = clip_transforms(20)({"image": image, "label": label})
     assert tuple(out["image"].shape) == (3, 20, 20) and tuple(out["label"].shape) == (1, 20, 20)
     # short side 40 -> 20 halves the central 20-px band to columns 10:20 of 30; the centre crop drops 5 columns
     assert torch.equal(out["label"][0, 0].nonzero().flatten(), torch.arange(5, 15))

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from scripts.baselines import CopyFirstFrame, FarnebackFlow
+from scripts.errors import InputError
 from scripts.evaluate import Evaluation, make_propagator
-from scripts.io import InputError
 
 SEQUENCES = ("alpha", "beta", "gamma")
 NUM_FRAMES = 5

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -20,23 +21,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import AFFINE, REPO
+from monai.bundle import ConfigParser
 from PIL import Image
 
-import scripts.inferer
+from scripts.errors import InputError
 from scripts.inferer import ModelPropagator, PropagationInferer
-from scripts.io import (
-    VIDEO_ROUND_TRIP_MAE,
-    InputError,
-    NiftiSource,
-    VideoSource,
-    open_video,
-    pixel_info,
-    write_nifti_series,
-    write_video,
-)
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
+from scripts.outputs import write_nifti_series
+from scripts.overlay import VIDEO_ROUND_TRIP_MAE, write_video
 from scripts.predict import Prediction
+from scripts.readers import NiftiSource, VideoSource, open_video, pixel_info
 from scripts.synthetic import SyntheticEchoSource
 
 
@@ -52,7 +47,7 @@ def net() -> TCMN:
 
 
 class RecordingBank(MemoryBank):
-    """A `MemoryBank` that records its sizes, installed in place of the inferer's to watch what it stores."""
+    """A `MemoryBank` that records its sizes, given to the inferer as its memory to watch what it stores."""
 
     instances: list[RecordingBank] = []
 
@@ -74,9 +69,8 @@ class RecordingBank(MemoryBank):
 
 @pytest.fixture
 def bank(monkeypatch: pytest.MonkeyPatch) -> type[RecordingBank]:
-    """Make the inferer build `RecordingBank`s; the test reads them from `RecordingBank.instances`."""
+    """`RecordingBank` with an empty list of instances; the test reads the banks the inferer made from it."""
     monkeypatch.setattr(RecordingBank, "instances", [])
-    monkeypatch.setattr(scripts.inferer, "MemoryBank", RecordingBank)
     return RecordingBank
 
 
@@ -112,7 +106,11 @@ def test_corrections_win_on_their_frames_and_stay_pinned(net: TCMN, bank: type[R
     correction = np.zeros((64, 64), np.uint8)  # unlike anything the model would predict there
     correction[5:20, 40:60] = 2
     correction[40:50, 5:15] = 1
-    out = run(ModelPropagator(net, PropagationInferer(mem_every=2, mem_size=2)), source, {2: first, 6: correction})
+    out = run(
+        ModelPropagator(net, PropagationInferer(partial(bank, mem_size=2), mem_every=2)),
+        source,
+        {2: first, 6: correction},
+    )
     assert [t for t, _ in out] == [2, 3, 4, 5, 6, 7, 8, 1, 0]
     labels = dict(out)
     np.testing.assert_array_equal(labels[2], first)
@@ -137,12 +135,59 @@ def test_multi_object_label_values_are_preserved(net: TCMN) -> None:
 
 def test_working_memory_never_exceeds_mem_size(net: TCMN, bank: type[RecordingBank]) -> None:
     source = SyntheticEchoSource(12, 64, 64, seed=4)
-    out = run(ModelPropagator(net, PropagationInferer(mem_every=1, mem_size=3)), source, {5: source.labels(5)})
+    out = run(
+        ModelPropagator(net, PropagationInferer(partial(bank, mem_size=3), mem_every=1)), source, {5: source.labels(5)}
+    )
     assert len(out) == 12
     (memory,) = bank.instances
     assert len(memory.working_sizes) == 11  # mem_every=1: every propagated frame is written
     assert max(memory.working_sizes) == 3  # the bound is reached and held
     assert len(memory.pinned) == 1 and len(memory.working) <= 3
+
+
+class KeepOldestBank(MemoryBank):
+    """Another eviction rule, for the test below: the first `mem_size` working frames stay, later ones are dropped."""
+
+    def evict(self) -> None:
+        del self.working[self.mem_size :]
+
+
+def test_the_caller_can_run_the_loop_with_step(net: TCMN) -> None:
+    """The per-frame API (pin the annotation, then one `step` per frame) gives what `propagate` gives."""
+    source = SyntheticEchoSource(6, 48, 64, seed=6)
+    annotation = torch.from_numpy(source.labels(0).astype(np.int64))
+
+    def get_frame(t: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(source[t])).permute(2, 0, 1)[None].float() / 255
+
+    inferer = PropagationInferer(partial(MemoryBank, mem_size=2), mem_every=2)
+    expected = dict(inferer.propagate(net, get_frame, len(source), {0: annotation}))
+    state = inferer.start(net, num_objects=int(annotation.max()))
+    state.pin(get_frame(0), annotation)
+    out = [state.step(None, annotation)] + [state.step(get_frame(t)) for t in range(1, len(source))]
+    for t, prob in enumerate(out):
+        torch.testing.assert_close(prob, expected[t])
+    assert len(state.memory.pinned) == 1 and len(state.memory.working) == 2  # frames 2 and 4 written, bound 2
+
+
+def test_an_eviction_rule_is_one_class_and_one_config_line(net: TCMN) -> None:
+    """`memory#_target_` in inference.json chooses the bank class; the inferer it builds uses that rule."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser["memory"]["_target_"] = f"{__name__}.KeepOldestBank"
+    parser["mem_every"], parser["mem_size"] = 1, 2
+    inferer = parser.get_parsed_content("inferer")
+    source = SyntheticEchoSource(6, 48, 64, seed=7)
+    frames = [torch.from_numpy(np.array(f)).permute(2, 0, 1)[None].float() / 255 for f in source]
+    state = inferer.start(net.to(memory_format=torch.channels_last), 2)
+    state.pin(frames[0], torch.from_numpy(source.labels(0)))
+    for frame in frames[1:]:
+        state.step(frame)
+    assert isinstance(state.memory, KeepOldestBank) and len(state.memory.working) == 2
+    with torch.inference_mode():
+        keys = [net.encode_key(f.contiguous(memory_format=torch.channels_last))[0] for f in frames[1:3]]
+    for (key, _), expected in zip(state.memory.working, keys):
+        torch.testing.assert_close(key, expected)  # frames 1 and 2 kept, not the newest
 
 
 def test_inference_mode_does_not_leak_into_the_caller(net: TCMN) -> None:
@@ -161,7 +206,9 @@ def soft_outputs(net: TCMN, source: VideoSource, t0: int, annotation: np.ndarray
     def get_frame(t: int) -> torch.Tensor:
         return torch.from_numpy(np.array(source[t])).permute(2, 0, 1)[None].float() / 255
 
-    steps = PropagationInferer().steps(net, get_frame, len(source), {t0: torch.from_numpy(annotation.astype(np.int64))})
+    steps = PropagationInferer().propagate(
+        net, get_frame, len(source), {t0: torch.from_numpy(annotation.astype(np.int64))}
+    )
     out = {t: p.numpy() for t, p in steps}
     return np.stack([out[t] for t in range(len(source))])
 
@@ -266,7 +313,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from scripts.inferer import ModelPropagator, PropagationInferer
-    from scripts.io import LabelSeriesWriter
+    from scripts.outputs import LabelSeriesWriter
     from scripts.network import TCMN
     from scripts.synthetic import SyntheticEchoSource
 
@@ -279,7 +326,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     num_frames, out = int(sys.argv[1]), Path(sys.argv[2])
     torch.manual_seed(0)
     source = SyntheticEchoSource(num_frames, 64, 64, seed=0)
-    propagator = ModelPropagator(TCMN("lite", pretrained=False), PropagationInferer(mem_every=5, mem_size=8))
+    propagator = ModelPropagator(TCMN("lite", pretrained=False), PropagationInferer(mem_every=5))
     with LabelSeriesWriter(out / "labels.nii.gz", source.info) as writer:
         for t, labels in propagator.propagate(source, {0: source.labels(0)}):
             writer.write(t, labels)

@@ -1,4 +1,7 @@
-"""Network shapes, memory read against hand-computed attention, the contrastive loss, and learning on a fixed clip."""
+"""Network shapes, the memory read against hand-computed attention, the memory bank, and the contrastive loss.
+
+Learning on a fixed clip is tested with the training step, in test_training.py.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def test_lite0_checkpoint_loads_strictly() -> None:
 
 @pytest.mark.parametrize("variant", ["lite", "full"])
 def test_shapes(variant: str) -> None:
-    net = TCMN(variant, pretrained=False, num_objects=2).eval()
+    net = TCMN(variant, pretrained=False).eval()
     image = torch.rand(2, 3, 64, 96)
     key, f16, f8, f4 = net.encode_key(image)
     assert key.shape == (2, 64, 4, 6)
@@ -72,9 +75,6 @@ def test_top_k_equals_softmax_when_k_covers_memory() -> None:
     mk, q, mv = torch.randn(2, 8, 20), torch.randn(2, 8, 7), torch.randn(2, 1, 4, 20)
     torch.testing.assert_close(memory.read(mk, mv, q, top_k=20), memory.read(mk, mv, q, top_k=None))
     torch.testing.assert_close(memory.read(mk, mv, q, top_k=50), memory.read(mk, mv, q))
-    sparse = memory.softmax_weights(memory.affinity(mk, q), top_k=3)
-    assert ((sparse > 0).sum(1) == 3).all()
-    torch.testing.assert_close(sparse.sum(1), torch.ones(2, 7))
 
 
 def test_memory_bank_is_bounded_and_keeps_pinned_frames() -> None:
@@ -87,6 +87,29 @@ def test_memory_bank_is_bounded_and_keeps_pinned_frames() -> None:
     assert [float(k[0, 0, 0, 0]) for k, _ in bank.working] == [4.0, 5.0]
     # a query equal to the pinned key reads (almost only) the pinned value
     assert bank.read(pinned_key).mean() > 0.99
+    bank.clear_working()  # a new propagation pass: the annotations stay
+    assert len(bank.pinned) == 1 and bank.working == []
+    with pytest.raises(ValueError, match="top_k"):
+        memory.MemoryBank(top_k=0)
+
+
+def test_training_clip_loop_is_the_export_forward() -> None:
+    """`forward` (export, shape checks) and training's `ClipPropagation` run the one clip loop, `propagate_clip`."""
+    from scripts.training import ClipPropagation
+
+    torch.manual_seed(0)
+    net = TCMN("lite", pretrained=False).eval()
+    clip = torch.rand(1, 4, 3, 32, 48)
+    clip[:, 3] = 0
+    clip[:, 3, 0, 4:20, 8:30] = 1
+    masks = (clip[:, 3, 0] == 1).float()[:, None]
+    with torch.no_grad():
+        logits, values = ClipPropagation(net)(clip[:, :3].transpose(1, 2), masks, torch.ones(1, 1, dtype=torch.bool))
+        out = net(clip)
+    assert logits.shape == (1, 2, 2, 32, 48) and values.shape == (1, 3, 1, net.value_dim, 2, 3)
+    torch.testing.assert_close(out[:, :, 1:].transpose(1, 2), logits)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        net.propagate_clip(torch.rand(1, 1, 3, 32, 32), torch.ones(1, 1, 32, 32))
 
 
 def test_aggregate_is_a_distribution_and_masks_absent_objects() -> None:
@@ -144,6 +167,9 @@ def test_pool_embeddings_uses_the_object_region() -> None:
 def test_sparse_top_k_readout_equals_masked_softmax() -> None:
     torch.manual_seed(2)
     mk, q, mv = torch.randn(1, 8, 40), torch.randn(1, 8, 9), torch.randn(1, 2, 5, 40)
-    weights = memory.softmax_weights(memory.affinity(mk, q), top_k=4)  # dense B×N×M with k non-zeros per column
+    aff = memory.affinity(mk, q)
+    kth = aff.topk(4, dim=1).values[:, -1:]  # each query's 4th-largest affinity
+    weights = memory.softmax_weights(aff.masked_fill(aff < kth, float("-inf")))  # B×N×M, 4 non-zeros per column
+    assert ((weights > 0).sum(1) == 4).all()
     expected = (mv.reshape(1, 10, 40) @ weights).reshape(1, 2, 5, 9)
     torch.testing.assert_close(memory.read(mk, mv, q, top_k=4), expected)

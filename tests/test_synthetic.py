@@ -8,7 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from scripts.io import InputError, open_video, read_annotations
+from scripts.annotations import read_annotations
+from scripts.errors import InputError
+from scripts.readers import open_video
 from scripts.synthetic import CAVITY, MYOCARDIUM, SyntheticEchoSource, echo_frame, echo_labels, write_echo_dataset
 
 

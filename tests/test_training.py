@@ -107,11 +107,9 @@ def workflow(settings: dict, config_file: list[str] | str = str(TRAIN)) -> Confi
 def test_a_few_steps_on_a_fixed_clip_reduce_the_loss(data: SimpleNamespace) -> None:
     """The training iteration (propagation, DiceCE + contrastive, backward, step) must be able to fit one clip."""
     torch.manual_seed(0)
-    clips = ClipDataset(
-        list_sequences(data.root, "train", data.split), num_frames=3, max_gap=2, crop_size=64, augment=False
-    )
+    clips = ClipDataset(list_sequences(data.root, "train", data.split), num_frames=3, max_gap=2, crop_size=64)
     batch = default_collate([clips[0]])
-    network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    network = TCMN("lite", pretrained=False, freeze_stride4=True)
     engine = SimpleNamespace(
         state=SimpleNamespace(device=torch.device("cpu")),
         network=ClipPropagation(network),
@@ -203,7 +201,10 @@ def test_resumed_run_matches_an_uninterrupted_one(data: SimpleNamespace, tmp_pat
 
     stopped = torch.load(tmp_path / "stopped" / "checkpoints" / "checkpoint_iteration=6.pt", weights_only=True)
     assert len(stopped["best_tracker"]["_saved"]) == 1, "the best validation score so far must be checkpointed"
-    best = [resumed.parser.get_parsed_content("best_tracker"), full.parser.get_parsed_content("best_tracker")]
+    best = [
+        resumed.parser.get_parsed_content("validate#best_saver"),
+        full.parser.get_parsed_content("validate#best_saver"),
+    ]
     assert best[0].state_dict() == best[1].state_dict(), "after resume, model_best.pt must track the same best"
     expected = full.parser.get_parsed_content("network").state_dict()
     actual = resumed.parser.get_parsed_content("network").state_dict()
@@ -268,7 +269,7 @@ def test_time_budget_rejects_nonsense() -> None:
 def test_init_weights_and_workers(data: SimpleNamespace, tmp_path: Path) -> None:
     """`--init_weights` starts from a plain state dict (e.g. the shipped model.pt); loading runs in DataLoader
     workers; `--time_budget` attaches the budget handler."""
-    source = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    source = TCMN("lite", pretrained=False, freeze_stride4=True)
     torch.nn.init.constant_(source.decoder.pred.weight, 0.5)  # not what a fresh network starts from
     weights = tmp_path / "init.pt"
     torch.save(source.state_dict(), weights)
@@ -348,7 +349,7 @@ def test_checkpoint_outputs(local_run: Path) -> None:
     assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer", "best_tracker"}
     assert final["trainer"]["iteration"] == 3
     best = torch.load(ckpt / "model_best.pt", weights_only=True, map_location="cpu")
-    network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    network = TCMN("lite", pretrained=False, freeze_stride4=True)
     network.load_state_dict(best, strict=True)
 
 
@@ -441,7 +442,7 @@ def test_ddp_ranks_stay_in_step(data: SimpleNamespace, tmp_path: Path) -> None:
         assert r["iteration"] == 2
         assert r["batches"] == 2, "each rank must have epoch_length batches, not repeat a share of them"
     assert not set(rank0["indices"]) & set(rank1["indices"]), "ranks trained on the same clips"
-    network = TCMN("lite", pretrained=False, num_objects=2, freeze_stride4=True)
+    network = TCMN("lite", pretrained=False, freeze_stride4=True)
     parameters = {name for name, _ in network.named_parameters()}
     for name in parameters:
         assert torch.equal(rank0["state"][name], rank1["state"][name]), f"ranks differ in {name}"
@@ -469,6 +470,4 @@ def test_training_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test process's thread count alone
     result = benchmark_training.measure(args)
     assert result["clips_per_second"] > 0 and result["peak_rss_mib"] > 0
-    assert result["trainable_params"] < sum(
-        p.numel() for p in TCMN("lite", pretrained=False, num_objects=2).parameters()
-    )
+    assert result["trainable_params"] < sum(p.numel() for p in TCMN("lite", pretrained=False).parameters())

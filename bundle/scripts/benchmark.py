@@ -168,11 +168,12 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this process and return its measurements."""
     import torch
 
-    from scripts import memory
+    from scripts import memory, prepare_job
     from scripts.inferer import ModelPropagator, PropagationInferer
     from scripts.network import TCMN
     from scripts.synthetic import SyntheticEchoSource
 
+    prepare_job()  # flushes denormals, as the inference job does
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     device = torch.device(cfg["device"])
@@ -180,14 +181,16 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     net = TCMN(cfg["variant"], pretrained=False)
     weights = _load_weights(net, cfg["variant"], cfg["checkpoint"], device)
-    inferer = PropagationInferer(
-        mem_every=cfg["mem_every"],
-        mem_size=cfg["mem_size"],
-        top_k=cfg["top_k"],
-        size=cfg["infer_size"],
-        device=device,
-        progress=False,
-    )
+    timer = StageTimer(sync)
+
+    def make_memory() -> memory.MemoryBank:
+        """The inference job's bank; with --profile its reads are timed (an instance attribute shadows the method)."""
+        bank = memory.MemoryBank(mem_size=cfg["mem_size"], top_k=cfg["top_k"])
+        if cfg["profile"]:
+            bank.read = timer.wrap("memory read", bank.read)
+        return bank
+
+    inferer = PropagationInferer(make_memory, cfg["mem_every"], size=cfg["infer_size"], device=device, progress=False)
     propagator = ModelPropagator(net, inferer)  # channels_last and eval, as the inference job
     width, height = cfg["size"]
     clip = SyntheticEchoSource(cfg["frames"], height, width, seed=cfg["seed"])
@@ -207,12 +210,10 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
             generation[0] += time.perf_counter() - start
             return frame
 
-    timer = StageTimer(sync)
-    if cfg["profile"]:  # instance attributes shadow the methods the inferer calls; the class patch reaches its bank
+    if cfg["profile"]:  # instance attributes shadow the methods the inferer calls
         net.encode_key = timer.wrap("key encoding", net.encode_key)
         net.decode = timer.wrap("decode", net.decode)
         net.encode_value = timer.wrap("value encoding", net.encode_value)
-        memory.MemoryBank.read = timer.wrap("memory read", memory.MemoryBank.read)
 
     skip = 1 + cfg["warmup"]  # the annotated frame, then the warm-up frames
     start = generated = None

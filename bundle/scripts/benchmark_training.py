@@ -54,7 +54,7 @@ def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # the same network and optimiser as train.json (lite freezes its ImageNet stride-4 layers there)
-    network = TCMN(args.variant, pretrained=False, num_objects=2, freeze_stride4=args.variant == "lite").to(device)
+    network = TCMN(args.variant, pretrained=False, freeze_stride4=args.variant == "lite").to(device)
     params = [p for p in network.parameters() if p.requires_grad]
     engine = SimpleNamespace(
         state=SimpleNamespace(device=device),

@@ -31,17 +31,13 @@ from monai.transforms import (
     CenterSpatialCropd,
     Compose,
     MapTransform,
-    RandAdjustContrastd,
-    RandFlipd,
     Randomizable,
-    RandRotated,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
 )
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 from PIL import Image
 
-from .io import InputError
+from .annotations import read_label_map
+from .errors import InputError
 
 __all__ = [
     "DEFAULT_SPLIT_FILE",
@@ -52,7 +48,7 @@ __all__ = [
     "gap_curriculum",
     "list_sequences",
     "load_split",
-    "make_clip_transforms",
+    "clip_transforms",
 ]
 
 DEFAULT_SPLIT_FILE = Path(__file__).resolve().parents[1] / "configs" / "splits.json"
@@ -118,12 +114,13 @@ def list_sequences(
 ) -> list[Sequence]:
     """List the sequences under one or more DAVIS roots, optionally only those of one split.
 
-    ``roots`` may be a comma-separated string (handy in configs). With ``split`` set, ``split_file`` defaults to the
+    ``roots`` may hold comma-separated strings (handy in configs). With ``split`` set, ``split_file`` defaults to the
     bundle's ``configs/splits.json``; sequences it does not list count as ``train``.
     """
     if isinstance(roots, (str, Path)):
-        roots = [r for r in str(roots).split(",") if r.strip()]
-    sequences = [s for root in roots for s in _scan_root(Path(str(root).strip()))]
+        roots = [roots]
+    roots = [r.strip() for root in roots for r in str(root).split(",") if r.strip()]
+    sequences = [s for root in roots for s in _scan_root(Path(root))]
     if split is None:
         return sequences
     if split not in SPLITS:
@@ -150,7 +147,7 @@ def gap_curriculum(epoch: int, max_epochs: int, start: int, peak: int, end: int)
 
 
 def _resize(img: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize ``C×H×W`` with a torch mode ("bilinear" is antialiased, ~10× faster than MONAI's Gaussian smoothing)."""
+    """Resize ``C×H×W`` with a torch mode ("bilinear" is antialiased, much faster than MONAI's Gaussian smoothing)."""
     smooth = mode == "bilinear"
     return F.interpolate(img[None], shape, mode=mode, antialias=smooth, align_corners=False if smooth else None)[0]
 
@@ -218,24 +215,16 @@ class RandResizedCropd(Randomizable, MapTransform):
         return d
 
 
-def make_clip_transforms(crop_size: int, augment: bool) -> Compose:
-    """Transforms for a clip stacked along channels (``image`` (3T)×H×W in [0, 1], ``label`` T×H×W).
+def clip_transforms(crop_size: int) -> Compose:
+    """Deterministic clip transforms: short side to ``crop_size``, centre crop (no augmentation).
 
-    Stacking makes each random draw (crop, flip, rotation, gamma, brightness) apply to every frame alike, so the
-    only motion within a clip is the video's own. Without ``augment``: short side to ``crop_size``, centre crop.
+    A clip is stacked along channels (``image`` (3T)×H×W in [0, 1], ``label`` T×H×W), so every random draw of a
+    transform applies to every frame alike and the only motion within a clip is the video's own. The training
+    augmentation (crop, flip, rotation, gamma, brightness) is declared in ``train.json`` (``train#transforms``).
     """
-    keys, resize_modes, modes = ("image", "label"), ("bilinear", "nearest-exact"), ("bilinear", "nearest")
-    if not augment:
-        return Compose([ShortSideResized(keys, crop_size, resize_modes), CenterSpatialCropd(keys, crop_size)])
+    keys = ("image", "label")
     return Compose(
-        [
-            RandResizedCropd(keys, crop_size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), mode=resize_modes),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandRotated(keys, range_x=math.radians(15), prob=0.5, mode=modes, padding_mode="zeros"),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
-            RandScaleIntensityd("image", factors=0.2, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        ]
+        [ShortSideResized(keys, crop_size, ("bilinear", "nearest-exact")), CenterSpatialCropd(keys, crop_size)]
     )
 
 
@@ -249,9 +238,9 @@ class ClipDataset(torch.utils.data.Dataset):
     ``max_gap`` is read at every item so a handler can change it per epoch (the gap curriculum); with
     ``persistent_workers`` that change would not reach the workers.
 
-    ``cache`` keeps decoded frames in memory (about 0.5 GB for cvc_clinicdb + vocalfolds, per worker process),
-    since JPEG decoding dominates the cost of a clip. ``transforms`` (e.g. from a config) replaces
-    ``make_clip_transforms(crop_size, augment)`` and gets the same stacked dictionary.
+    ``cache`` keeps decoded frames in memory (per worker process), since JPEG decoding dominates the cost of a clip.
+    ``transforms`` (the augmentation ``train.json`` declares) get the clip stacked along channels (see
+    ``clip_transforms``); without them clips are only resized and centre-cropped to ``crop_size``.
     """
 
     def __init__(
@@ -262,7 +251,6 @@ class ClipDataset(torch.utils.data.Dataset):
         crop_size: int = 256,
         max_objects: int = 2,
         samples_per_epoch: int = 1000,
-        augment: bool = True,
         seed: int = 0,
         cache: bool = True,
         transforms: Compose | None = None,
@@ -277,7 +265,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.datasets = sorted(self.by_dataset)
         self.num_frames, self.max_gap, self.max_objects = num_frames, max_gap, max_objects
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
-        self.transforms = transforms or make_clip_transforms(crop_size, augment)
+        self.transforms = transforms or clip_transforms(crop_size)
         self.cache: dict[Path, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -287,10 +275,11 @@ class ClipDataset(torch.utils.data.Dataset):
         """Decode a frame (H×W×3 uint8) or label map (H×W uint8), through the cache if enabled."""
         if self.cache is not None and path in self.cache:
             return self.cache[path]
-        with Image.open(path) as im:
-            array = np.asarray(im if label else im.convert("RGB"))
-        if label and (array.ndim != 2 or array.dtype != np.uint8):
-            raise InputError(f"{path}: label map must be single-channel uint8, got {array.dtype} {array.shape}")
+        if label:
+            array = read_label_map(path)
+        else:
+            with Image.open(path) as im:
+                array = np.asarray(im.convert("RGB"))
         if self.cache is not None:
             self.cache[path] = array
         return array

@@ -17,10 +17,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from .annotations import read_annotations, read_label_series
 from .baselines import CopyFirstFrame, FarnebackFlow
 from .data import Sequence, list_sequences
-from .io import InputError, open_video, read_annotations, read_label_series, staged_output, write_png_labels
-from .metrics import SCORES, aggregate, score_frame, summarise
+from .errors import InputError
+from .flags import as_bool
+from .metrics import SCORES, SequenceScorer, aggregate, objects_of
+from .outputs import staged_output, write_png_labels
+from .readers import open_video
 
 METHODS = ("model", "copy", "flow")
 
@@ -51,7 +55,7 @@ class Evaluation:
         dataset_dir: str,
         output_dir: str,
         propagator,
-        overwrite: bool = False,
+        overwrite: bool | str = False,
         split: str | None = None,
         split_file: str | None = None,
         sequences: list[str] | None = None,
@@ -63,7 +67,7 @@ class Evaluation:
             raise InputError(f"{dataset_dir!r}: give one or more dataset roots with distinct folder names")
         self.output_dir = Path(output_dir)
         self.propagator = propagator
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite)
         self.split = split
         self.split_file = split_file
         self.sequences = sequences
@@ -111,24 +115,19 @@ class Evaluation:
                     f"{seq.masks[0].parent}: {'×'.join(map(str, gts.shape))} (T×H×W) label maps for "
                     f"{len(source)} frames of {source.info.height}×{source.info.width}"
                 )
-            objects = [int(k) for k in np.unique(annotation) if k != 0]
-            frames: dict[int, list[dict]] = {k: [] for k in objects}
+            scorer = SequenceScorer(objects_of(annotation))  # frame 0, the annotation given, is not scored
             seen = set()
             for t, labels in self.propagator.propagate(source, {0: annotation}):
                 if t in seen:
                     raise RuntimeError(f"{type(self.propagator).__name__} yielded frame {t} of {seq.key} twice")
                 seen.add(t)
                 write_png_labels(pred_dir, t, labels)
-                if t != 0:  # frame 0 is the annotation the method was given
-                    for k, scores in score_frame(labels, gts[t], objects).items():
-                        frames[k].append({"frame": t, **scores})
+                scorer.append(t, labels, gts[t])
             if len(seen) != len(source):
                 raise RuntimeError(
                     f"{type(self.propagator).__name__} yielded {len(seen)} of {len(source)} frames of {seq.key}"
                 )
-        for scores in frames.values():
-            scores.sort(key=lambda s: s["frame"])
-        return {"num_frames": len(source), **summarise(frames)}
+        return {"num_frames": len(source), **scorer.aggregate()}
 
     def report(self, results: dict[str, dict[str, dict]]) -> dict:
         """The metrics.json content: dataset scores on top, per-dataset (if several), sequence and object below."""

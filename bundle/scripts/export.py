@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from scripts.inferer import _unwrap
+from scripts.inferer import unwrap
 
 INPUT_NAMES = ["frame", "mem_key", "mem_value"]
 OUTPUT_NAMES = ["logits"]
@@ -23,12 +23,11 @@ class FrameStep(nn.Module):
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        self.network = _unwrap(network)
+        self.network = unwrap(network)
 
     def forward(self, frame: torch.Tensor, mem_key: torch.Tensor, mem_value: torch.Tensor) -> torch.Tensor:
         key, f16, f8, f4 = self.network.encode_key(frame)
-        # top_k = N selects the dense softmax read whatever the network's own top_k
-        readout = self.network.read(mem_key, mem_value, key, mem_key.shape[2])
+        readout = self.network.read(mem_key, mem_value, key, None)
         return self.network.decode(readout, f16, f8, f4, (frame.shape[-2], frame.shape[-1]))
 
 
@@ -36,7 +35,7 @@ def example_inputs(
     network: nn.Module, height: int, width: int, num_objects: int = 1, mem_frames: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random frame and a memory of `mem_frames` frames encoded by `network`, shaped as `FrameStep` expects."""
-    net = _unwrap(network)
+    net = unwrap(network)
     frames = torch.rand(mem_frames + 1, 3, height, width)
     with torch.no_grad():
         key, f16, _, _ = net.encode_key(frames[1:])

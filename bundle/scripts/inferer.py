@@ -1,7 +1,10 @@
-"""The propagation inferer: annotated frames in, one label map per frame out, with bounded memory.
+"""The propagation core: a per-video state that segments one frame per `step`, and a two-way `propagate` over it.
 
-One core loop (`PropagationInferer.steps`) serves inference, evaluation and training-time validation: frames are
-fetched one at a time through a callable, so a streaming `VideoSource` is never held in memory whole.
+`PropagationState` holds one video's memory bank and write schedule (as Cutie's `InferenceCore`); callers run the
+loop. `PropagationInferer.propagate` is that loop for a whole video, forward from the first annotated frame and then
+backward, fetching frames one at a time so a streaming video is never held whole; it serves inference, evaluation
+(`ModelPropagator`) and training-time validation (`__call__`, MONAI's `Inferer` interface). The memory bank is made by
+the `memory` factory the config declares, so the eviction rule is the bank's business, not the loop's.
 """
 
 from __future__ import annotations
@@ -19,31 +22,113 @@ from scripts.data import short_side_shape
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
 
-# Trained affinities produce denormal floats that are very slow on x86 CPUs; flushing them costs no accuracy here.
-torch.set_flush_denormal(True)
 
-
-def _unwrap(network: torch.nn.Module) -> TCMN:
+def unwrap(network: torch.nn.Module) -> TCMN:
     """The TCMN inside DistributedDataParallel or a training wrapper."""
     while not isinstance(network, TCMN) and hasattr(network, "module"):
         network = network.module
     return network
 
 
-class PropagationInferer(Inferer):
-    """Propagate annotated frames' labels forward to the end and backward to frame 0.
+class PropagationState:
+    """One video's propagation: the network, its memory bank and the memory write schedule.
 
-    Every non-zero label is an object; objects are segmented together with soft aggregation. Annotated frames are
-    pinned in memory and their labels win on that frame; a new memory frame is written every `mem_every` frames
-    and at most `mem_size` are kept (oldest evicted), so memory stays flat whatever the video length.
-    `size` (short side in pixels, optional) resizes frames for the network and resizes logits back.
+    Annotated frames are `pin`ned first (never evicted; corrections later in the video then guide earlier frames
+    too). `step` gives one frame's probabilities (K+1)×H×W, channel k for object k; frames are 1×3×H×W in [0, 1] and
+    label maps H×W with objects numbered 1..`num_objects`. Every `mem_every`-th segmented frame since the last memory
+    frame is written to working memory. `size` (short side, optional) resizes frames for the network and the
+    probabilities back. Each call runs under inference mode (and CUDA autocast with `amp`), entered and left inside
+    the call, so the caller's own code between steps keeps autograd.
     """
 
     def __init__(
         self,
+        network: torch.nn.Module,
+        memory: MemoryBank,
+        num_objects: int,
         mem_every: int = 5,
-        mem_size: int = 8,
-        top_k: int | None = 30,
+        size: int | None = None,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+    ) -> None:
+        if mem_every < 1:
+            raise ValueError(f"mem_every must be >= 1, got {mem_every}")
+        self.net = unwrap(network)
+        self.memory = memory
+        self.num_objects = num_objects
+        self.mem_every = mem_every
+        self.size = size
+        self.device = torch.device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.since_write = 0
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            yield
+
+    def _prepare(self, frame: torch.Tensor) -> torch.Tensor:
+        """1×3×H×W in [0, 1] → on device, resized to `size` on the short side, channels_last."""
+        frame = frame.to(self.device, non_blocking=True)
+        if self.size is not None:
+            frame = F.interpolate(
+                frame, size=short_side_shape(*frame.shape[-2:], self.size), mode="bilinear", antialias=True
+            )
+        return frame.contiguous(memory_format=torch.channels_last)
+
+    def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label map H×W (0..K) → probabilities (K+1)×H×W."""
+        return F.one_hot(labels.long().to(self.device), self.num_objects + 1).permute(2, 0, 1).float()
+
+    def pin(self, frame: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write an annotated frame into the pinned memory."""
+        with self._context():
+            frame = self._prepare(frame)
+            masks = F.interpolate(self.one_hot(labels)[None, 1:], size=frame.shape[-2:], mode="bilinear")
+            key, f16, _, _ = self.net.encode_key(frame)
+            self.memory.write(key, self.net.encode_value(frame, f16, masks), pinned=True)
+
+    def new_pass(self) -> None:
+        """Start a propagation pass (another direction): working memory cleared, write schedule restarted."""
+        self.memory.clear_working()
+        self.since_write = 0
+
+    def step(self, frame: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Probabilities (K+1)×H×W of the next frame of the pass.
+
+        Without `labels` the frame is segmented from memory. With `labels` (an annotated frame, pinned beforehand)
+        they are the result and `frame` is not needed; the frame counts as a memory frame for the write schedule.
+        """
+        if labels is not None:
+            self.since_write = 0
+            return self.one_hot(labels)
+        with self._context():
+            prepared = self._prepare(frame)
+            key, f16, f8, f4 = self.net.encode_key(prepared)
+            logits = self.net.decode(self.memory.read(key), f16, f8, f4, tuple(prepared.shape[-2:]))
+            prob = torch.softmax(logits.float(), dim=1)
+            self.since_write += 1
+            if self.since_write >= self.mem_every:
+                self.memory.write(key, self.net.encode_value(prepared, f16, prob[:, 1:]))
+                self.since_write = 0
+            if prob.shape[-2:] != frame.shape[-2:]:
+                prob = F.interpolate(prob, size=frame.shape[-2:], mode="bilinear")
+            return prob[0]
+
+
+class PropagationInferer(Inferer):
+    """Propagate annotated frames' labels forward to the end and backward to frame 0, with bounded memory.
+
+    Every non-zero label is an object; objects are segmented together with soft aggregation. `memory` makes one
+    empty `MemoryBank` per video (the config declares it with `"_mode_": "callable"`); see `PropagationState` for
+    `mem_every`, `size` and `amp`.
+    """
+
+    def __init__(
+        self,
+        memory: Callable[[], MemoryBank] = MemoryBank,
+        mem_every: int = 5,
         size: int | None = None,
         device: str | torch.device = "cpu",
         amp: bool = True,
@@ -52,23 +137,18 @@ class PropagationInferer(Inferer):
         super().__init__()
         if mem_every < 1:
             raise ValueError(f"mem_every must be >= 1, got {mem_every}")
+        self.memory = memory
         self.mem_every = mem_every
-        self.mem_size = mem_size
-        self.top_k = top_k
         self.size = size
         self.device = torch.device(device)
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp
         self.progress = progress
 
-    def _prepare(self, frame: torch.Tensor) -> torch.Tensor:
-        """1×3×H×W in [0, 1] → on device, resized to `size` on the short side, channels_last."""
-        frame = frame.to(self.device, non_blocking=True)
-        if self.size is not None:
-            shape = short_side_shape(*frame.shape[-2:], self.size)
-            frame = F.interpolate(frame, size=shape, mode="bilinear", antialias=True)
-        return frame.contiguous(memory_format=torch.channels_last)
+    def start(self, network: torch.nn.Module, num_objects: int) -> PropagationState:
+        """A fresh propagation state, with an empty memory bank, for one video."""
+        return PropagationState(network, self.memory(), num_objects, self.mem_every, self.size, self.device, self.amp)
 
-    def steps(
+    def propagate(
         self,
         network: torch.nn.Module,
         get_frame: Callable[[int], torch.Tensor],
@@ -77,74 +157,23 @@ class PropagationInferer(Inferer):
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (t, probabilities (K+1)×H×W) for every frame once: forward from the first annotated frame, then back.
 
-        get_frame(t) gives 1×3×H×W in [0, 1]; annotations map frame index → H×W one-hot-able label tensor with
-        objects already numbered 1..K (K = the largest label over all annotations).
-
-        Inference mode and autocast are entered around each step only: a `with` block spanning the yields would leave
-        them switched on in the caller's code between frames, and for good if the caller stops iterating early.
+        get_frame(t) gives 1×3×H×W in [0, 1]; annotations map frame index → H×W label tensor with objects already
+        numbered 1..K (K = the largest label over all annotations).
         """
-        inner = self._steps(network, get_frame, num_frames, annotations)
-        try:
-            while True:
-                amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-                with torch.inference_mode(), amp:
-                    try:
-                        item = next(inner)
-                    except StopIteration:
-                        return
-                yield item
-        finally:
-            inner.close()
-
-    def _steps(
-        self,
-        network: torch.nn.Module,
-        get_frame: Callable[[int], torch.Tensor],
-        num_frames: int,
-        annotations: Mapping[int, torch.Tensor],
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """The propagation loop of `steps`, run by it under inference mode (and autocast) one step at a time."""
-        net = _unwrap(network)
-        num_objects = int(max(int(a.max()) for a in annotations.values()))
-        memory = MemoryBank(self.mem_size, self.top_k)
         order = sorted(annotations)
         for t in order:
             if not 0 <= t < num_frames:
                 raise IndexError(f"annotated frame {t} is outside the video's {num_frames} frames")
-        one_hot = {}
+        state = self.start(network, int(max(int(a.max()) for a in annotations.values())))
         for t in order:
-            frame = self._prepare(get_frame(t))
-            onehot = F.one_hot(annotations[t].long().to(self.device), num_objects + 1).permute(2, 0, 1).float()
-            one_hot[t] = onehot
-            small = F.interpolate(onehot[None, 1:], size=frame.shape[-2:], mode="bilinear")
-            key, f16, _, _ = net.encode_key(frame)
-            memory.write(key, net.encode_value(frame, f16, small), pinned=True)
-        passes = [range(order[0], num_frames), range(order[0] - 1, -1, -1)]
-        bar = tqdm(total=num_frames, disable=not self.progress, desc="propagating", unit="frame")
-        try:
-            for frames in passes:
-                memory.working.clear()
-                since_write = 0
+            state.pin(get_frame(t), annotations[t])
+        with tqdm(total=num_frames, disable=not self.progress, desc="propagating", unit="frame") as bar:
+            for frames in (range(order[0], num_frames), range(order[0] - 1, -1, -1)):
+                state.new_pass()
                 for t in frames:
                     bar.update(1)
-                    if t in one_hot:
-                        since_write = 0
-                        yield t, one_hot[t]
-                        continue
-                    raw = get_frame(t)
-                    frame = self._prepare(raw)
-                    key, f16, f8, f4 = net.encode_key(frame)
-                    logits = net.decode(memory.read(key), f16, f8, f4, tuple(frame.shape[-2:]))
-                    prob = torch.softmax(logits.float(), dim=1)
-                    since_write += 1
-                    if since_write >= self.mem_every:
-                        memory.write(key, net.encode_value(frame, f16, prob[:, 1:]))
-                        since_write = 0
-                    if prob.shape[-2:] != raw.shape[-2:]:
-                        prob = F.interpolate(prob, size=raw.shape[-2:], mode="bilinear")
-                    yield t, prob[0]
-        finally:
-            bar.close()
+                    labels = annotations.get(t)
+                    yield t, state.step(None if labels is not None else get_frame(t), labels)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         """inputs B×4×T×H×W (RGB in [0, 1] and frame 0's label map) → probabilities B×(L+1)×T×H×W, L the max label.
@@ -154,17 +183,22 @@ class PropagationInferer(Inferer):
         outputs = []
         for clip in inputs:
             labels = clip[3, 0].round().long()
-            num_labels = int(labels.max())
-            out = torch.zeros(num_labels + 1, *clip.shape[1:], device=inputs.device)
-            for t, prob in self.steps(network, lambda i: clip[None, :3, i], clip.shape[1], {0: labels}):
+            out = torch.zeros(int(labels.max()) + 1, *clip.shape[1:], device=inputs.device)
+            for t, prob in self.propagate(network, lambda i: clip[None, :3, i], clip.shape[1], {0: labels}):
                 out[:, t] = prob.to(out.device)
             outputs.append(out)
         return torch.stack(outputs)
 
-    def propagate(
-        self, network: torch.nn.Module, source, annotations: Mapping[int, np.ndarray]
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Stream (t, label map H×W uint8 with the annotation's label values) over a `VideoSource`."""
+
+class ModelPropagator:
+    """The model bound to an inferer, with the propagator interface shared with the baselines: a `VideoSource` and
+    label maps with any label values in, (t, H×W uint8 label map with the annotation's values) out."""
+
+    def __init__(self, network: torch.nn.Module, inferer: PropagationInferer) -> None:
+        self.network = network.to(inferer.device, memory_format=torch.channels_last).eval()
+        self.inferer = inferer
+
+    def propagate(self, source, annotations: Mapping[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
         values = np.unique(np.concatenate([np.unique(a) for a in annotations.values()]))
         values = values[values > 0]
         lut = np.zeros(256, dtype=np.int64)
@@ -177,16 +211,5 @@ class PropagationInferer(Inferer):
             frame = np.require(source[t], np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
             return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
 
-        for t, prob in self.steps(network, get_frame, len(source), dense):
+        for t, prob in self.inferer.propagate(self.network, get_frame, len(source), dense):
             yield t, to_values[prob.argmax(0).cpu().numpy()]
-
-
-class ModelPropagator:
-    """The model bound to an inferer, with the propagator interface shared with the baselines."""
-
-    def __init__(self, network: torch.nn.Module, inferer: PropagationInferer) -> None:
-        self.network = network.to(inferer.device, memory_format=torch.channels_last).eval()
-        self.inferer = inferer
-
-    def propagate(self, source, annotations: Mapping[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-        return self.inferer.propagate(self.network, source, annotations)

@@ -1,7 +1,9 @@
-"""The memory bank: affinity between query and memory keys, softmax (or top-k) readout of memory values.
+"""The memory: affinity between query and memory keys, softmax (or top-k) readout of memory values, and the bank.
 
-Kept apart from the network so bounded storage and eviction live in one place (as in XMem/Cutie's memory manager);
-training builds its memory as plain tensors and calls the same `read` as inference.
+Kept apart from the network so bounded storage and eviction live in one place (as in XMem/Cutie's memory manager).
+Training builds its memory as plain tensors and calls the same `read` as inference; inference stores frames in a
+`MemoryBank`, which the configs declare (`memory` in `inference.json`), so a new eviction rule is one subclass that
+overrides `evict` and one config line.
 """
 
 from __future__ import annotations
@@ -28,14 +30,9 @@ def affinity(mem_key: torch.Tensor, query_key: torch.Tensor, clamp: float = AFFI
         return ((2 * cross - mem_sq) / math.sqrt(c)).clamp(min=-clamp)
 
 
-def softmax_weights(aff: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
-    """Softmax over memory positions (dim 1); with top_k only the k largest affinities per query take part."""
-    aff = aff - aff.amax(dim=1, keepdim=True)
-    if top_k is None or top_k >= aff.shape[1]:
-        return torch.softmax(aff, dim=1)
-    values, indices = torch.topk(aff, k=top_k, dim=1)
-    weights = torch.zeros_like(aff)
-    return weights.scatter_(1, indices, torch.softmax(values, dim=1))
+def softmax_weights(aff: torch.Tensor) -> torch.Tensor:
+    """Softmax over memory positions (dim 1), shifted by the maximum for stability."""
+    return torch.softmax(aff - aff.amax(dim=1, keepdim=True), dim=1)
 
 
 def read(
@@ -43,8 +40,9 @@ def read(
 ) -> torch.Tensor:
     """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M.
 
-    With top_k < N only the k best memory positions of each query are gathered and summed, so the readout costs
-    k·M instead of N·M value reads (the dense path is kept for training, where gradients need every position).
+    With top_k < N only the k best memory positions of each query take part, gathered and summed, so the readout
+    costs k·M instead of N·M value reads. Without top_k (training, where gradients need every position) or when
+    k covers the memory, the read is the dense softmax.
     """
     aff = affinity(mem_key, query_key)  # B×N×M
     b, k, cv, n = mem_value.shape
@@ -60,15 +58,18 @@ def read(
 
 
 class MemoryBank:
-    """Bounded inference memory: pinned frames (annotations) plus at most `mem_size` working frames.
+    """One video's inference memory: pinned frames (annotations) plus at most `mem_size` working frames.
 
-    Working frames are evicted oldest first, so peak memory stays flat whatever the video length. Each entry holds
-    one frame's key (B×Ck×h×w) and value (B×K×Cv×h×w).
+    The bank owns its capacity: `write` stores a frame and calls `evict`, which drops the oldest working frames
+    (override it for another rule), so peak memory stays flat whatever the video length. Each entry holds one frame's
+    key (B×Ck×h×w) and value (B×K×Cv×h×w). `top_k` is the sparse read of `read` (None: dense).
     """
 
     def __init__(self, mem_size: int = 8, top_k: int | None = 30) -> None:
         if mem_size < 0:
             raise ValueError(f"mem_size must be >= 0, got {mem_size}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         self.mem_size = mem_size
         self.top_k = top_k
         self.pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -83,8 +84,15 @@ class MemoryBank:
             self.pinned.append((key, value))
             return
         self.working.append((key, value))
-        while len(self.working) > self.mem_size:
-            self.working.pop(0)
+        self.evict()
+
+    def evict(self) -> None:
+        """Keep the working memory within `mem_size`: oldest frames out first."""
+        del self.working[: max(0, len(self.working) - self.mem_size)]
+
+    def clear_working(self) -> None:
+        """Forget the working frames (a new propagation pass starts from the annotations alone)."""
+        self.working.clear()
 
     def read(self, query_key: torch.Tensor) -> torch.Tensor:
         """Readout B×K×Cv×h×w for a query key B×Ck×h×w."""

@@ -68,20 +68,21 @@ def boundary_f(pred: np.ndarray, gt: np.ndarray) -> float:
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-def _monai_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """J, Dice and HD95 per channel of binary C×H×W stacks, via MONAI on 1×C×H×W tensors, with this module's
-    conventions for empty masks (MONAI returns NaN for HD95 whenever a side is empty)."""
+def _monai_scores(pred: np.ndarray, gt: np.ndarray, hd95: bool = True) -> dict[str, np.ndarray]:
+    """J, Dice and (with `hd95`) HD95 per channel of binary C×H×W stacks, via MONAI on 1×C×H×W tensors, with this
+    module's conventions for empty masks (MONAI returns NaN for HD95 whenever a side is empty)."""
     p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float64))[None]
     g = torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float64))[None]
     with _single_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on every empty mask; the convention below handles them
-        j = _IOU(p, g)[0].numpy().astype(float)
-        dice = _DICE(p, g)[0].numpy().astype(float)
-        hd95 = _HD95(p, g)[0].numpy().astype(float)
+        scores = {"J": _IOU(p, g)[0].numpy().astype(float), "Dice": _DICE(p, g)[0].numpy().astype(float)}
+        if not hd95:
+            return scores
+        distance = _HD95(p, g)[0].numpy().astype(float)
     pred_any, gt_any = pred.reshape(len(pred), -1).any(1), gt.reshape(len(gt), -1).any(1)
-    hd95[~pred_any & ~gt_any] = 0.0
-    hd95[pred_any != gt_any] = np.nan
-    return j, dice, hd95
+    distance[~pred_any & ~gt_any] = 0.0
+    distance[pred_any != gt_any] = np.nan
+    return {**scores, "HD95": distance}
 
 
 @contextmanager
@@ -106,27 +107,54 @@ def region_j(pred: np.ndarray, gt: np.ndarray) -> float:
         return float(_IOU(p, g)[0, 0])
 
 
-def score_frame(pred: np.ndarray, gt: np.ndarray, objects: Iterable[int]) -> dict[int, dict[str, float]]:
-    """J, F, J&F, Dice and HD95 of each object in one H×W label-map pair."""
+def score_frame(
+    pred: np.ndarray, gt: np.ndarray, objects: Iterable[int], hd95: bool = True
+) -> dict[int, dict[str, float]]:
+    """J, F, J&F, Dice and (with `hd95`, the slow one) HD95 of each object in one H×W label-map pair."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     objects = list(objects)
     pred_1h = np.stack([pred == k for k in objects])
     gt_1h = np.stack([gt == k for k in objects])
-    j, dice, hd95 = _monai_scores(pred_1h, gt_1h)
+    monai_scores = _monai_scores(pred_1h, gt_1h, hd95)
     scores = {}
     for i, k in enumerate(objects):
-        f = boundary_f(pred_1h[i], gt_1h[i])
-        scores[k] = {"J&F": (j[i] + f) / 2, "J": j[i], "F": f, "Dice": dice[i], "HD95": hd95[i]}
-        scores[k] = {name: float(v) for name, v in scores[k].items()}
+        j, f = monai_scores["J"][i], boundary_f(pred_1h[i], gt_1h[i])
+        scores[k] = {"J&F": float((j + f) / 2), "J": float(j), "F": float(f)}
+        scores[k].update({name: float(v[i]) for name, v in monai_scores.items() if name != "J"})
     return scores
 
 
-def summarise(frames: dict[int, list[dict[str, float]]]) -> dict:
-    """Per-object means over frames and the sequence mean over objects, from ``{object: [frame scores]}``
-    (each frame's scores carry its ``"frame"`` index)."""
-    objects = {k: {**_mean(f), "frames": f} for k, f in frames.items()}
-    return {**_mean(objects.values()), "num_objects": len(objects), "objects": objects}
+class SequenceScorer:
+    """Scores of one sequence, fed frame by frame: `reset` / `append` / `aggregate`, as MONAI's cumulative metrics.
+
+    The one per-object, per-frame scoring loop: evaluation, training-time validation and `score_sequence` all score
+    through it. Frames in `skip_frames` (the annotation given to the method, frame 0 by default) are not scored.
+    `hd95=False` leaves out HD95, the slow score, where only J&F is wanted (validation).
+    """
+
+    def __init__(self, objects: Iterable[int] = (), skip_frames: Iterable[int] = (0,), hd95: bool = True) -> None:
+        self.skip_frames = set(skip_frames)
+        self.hd95 = hd95
+        self.reset(objects)
+
+    def reset(self, objects: Iterable[int]) -> None:
+        """Start a sequence whose objects (label values) are `objects`."""
+        self.frames: dict[int, list[dict[str, float]]] = {int(k): [] for k in objects}
+
+    def append(self, t: int, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Score frame `t` (H×W predicted and true label maps), in any order."""
+        if t in self.skip_frames:
+            return
+        for k, scores in score_frame(pred, gt, self.frames, self.hd95).items():
+            self.frames[k].append({"frame": t, **scores})
+
+    def aggregate(self) -> dict:
+        """Per-object means over frames (with each frame's scores, in frame order) and the mean over objects."""
+        for scores in self.frames.values():
+            scores.sort(key=lambda s: s["frame"])
+        objects = {k: {**_mean(f), "frames": f} for k, f in self.frames.items()}
+        return {**_mean(objects.values()), "num_objects": len(objects), "objects": objects}
 
 
 def score_sequence(preds: list[np.ndarray], gts: list[np.ndarray], objects: list[int] | None = None) -> dict:
@@ -134,13 +162,15 @@ def score_sequence(preds: list[np.ndarray], gts: list[np.ndarray], objects: list
     not scored. ``objects`` defaults to the labels present in the first ground-truth frame."""
     if len(preds) != len(gts):
         raise ValueError(f"{len(preds)} predicted frames for {len(gts)} ground-truth frames")
-    if objects is None:
-        objects = [int(k) for k in np.unique(gts[0]) if k != 0]
-    frames: dict[int, list[dict[str, float]]] = {k: [] for k in objects}
-    for t in range(1, len(gts)):
-        for k, s in score_frame(preds[t], gts[t], objects).items():
-            frames[k].append({"frame": t, **s})
-    return summarise(frames)
+    scorer = SequenceScorer(objects if objects is not None else objects_of(gts[0]))
+    for t, (pred, gt) in enumerate(zip(preds, gts)):
+        scorer.append(t, pred, gt)
+    return scorer.aggregate()
+
+
+def objects_of(labels: np.ndarray) -> list[int]:
+    """The object labels (non-zero values) of a label map."""
+    return [int(k) for k in np.unique(labels) if k != 0]
 
 
 def aggregate(per_sequence: dict) -> dict:
@@ -150,10 +180,11 @@ def aggregate(per_sequence: dict) -> dict:
 
 
 def _mean(items: Iterable[dict]) -> dict[str, float]:
-    """Mean of each score over ``items``, skipping NaN (undefined HD95); NaN when nothing is defined."""
+    """Mean of each score over ``items``, skipping NaN (undefined HD95); NaN when nothing is defined. Scores missing
+    from the items (HD95 left out) are missing from the means too."""
     items = list(items)
     means = {}
-    for name in SCORES:
+    for name in (n for n in SCORES if not items or n in items[0]):
         values = np.array([i[name] for i in items], dtype=float)
         values = values[~np.isnan(values)]
         means[name] = float(values.mean()) if values.size else float("nan")

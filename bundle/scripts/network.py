@@ -66,7 +66,7 @@ class KeyEncoderLite(nn.Module):
 
     Built as MONAI's `EfficientNet` so the checkpoint loads strictly, then MONAI's separate same-padding modules are
     replaced by padding inside each convolution: the padders are sized for one fixed image size and made the CPU
-    backward pass ~50× slower. Swish becomes ReLU6 and inputs are scaled to [-1, 1], as Lite0 was trained.
+    backward pass many times slower. Swish becomes ReLU6 and inputs are scaled to [-1, 1], as Lite0 was trained.
     """
 
     channels = (112, 40, 24)
@@ -227,11 +227,12 @@ def aggregate(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.
 class TCMN(nn.Module):
     """Temporal Contrastive Memory Network.
 
-    Steps used by the propagation inferer and by training alike: `encode_key` (query frame → key and skips),
+    The steps, used by the propagation inferer and by training alike: `encode_key` (query frame → key and skips),
     `encode_value` (frame + object masks → memory values), `read` (memory readout), `decode` (readout + skips →
-    aggregated logits). `forward` runs the whole propagation on a clip for export and shape checks.
-    `freeze_stride4` (lite) keeps the ImageNet stem and stride-4 blocks fixed: on CPU their backward pass at full
-    resolution costs about half of a training iteration (5.4 s → 2.7 s for 4 clips of 3 frames at 256², 1 thread).
+    aggregated logits). `propagate_clip` is the clip loop of training (every frame kept in memory); `forward` runs it
+    on a clip with frame 0's label map, for export and shape checks. `freeze_stride4` (lite) keeps the ImageNet stem
+    and stride-4 blocks fixed: on CPU their backward pass at full resolution is a large share of a training iteration
+    (the model card has the measurement).
     """
 
     def __init__(
@@ -240,8 +241,6 @@ class TCMN(nn.Module):
         pretrained: bool = True,
         key_dim: int | None = None,
         value_dim: int | None = None,
-        top_k: int | None = None,
-        num_objects: int = 1,
         freeze_stride4: bool = False,
     ) -> None:
         super().__init__()
@@ -251,8 +250,6 @@ class TCMN(nn.Module):
         self.variant = variant
         self.key_dim = key_dim or spec["key_dim"]
         self.value_dim = value_dim or spec["value_dim"]
-        self.top_k = top_k
-        self.num_objects = num_objects
         if variant == "lite":
             self.key_encoder: nn.Module = KeyEncoderLite(pretrained=pretrained, freeze_stride4=freeze_stride4)
             mask_encoder: nn.Module = MaskEncoderLite()
@@ -279,9 +276,9 @@ class TCMN(nn.Module):
     def read(
         self, mem_key: torch.Tensor, mem_value: torch.Tensor, key: torch.Tensor, top_k: int | None = None
     ) -> torch.Tensor:
-        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w."""
+        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w (dense without top_k)."""
         b, _, h, w = key.shape
-        out = memory.read(mem_key, mem_value, key.flatten(2), top_k if top_k is not None else self.top_k)
+        out = memory.read(mem_key, mem_value, key.flatten(2), top_k)
         return out.reshape(b, mem_value.shape[1], mem_value.shape[2], h, w)
 
     @torch.jit.export
@@ -297,26 +294,47 @@ class TCMN(nn.Module):
         """Readout B×K×Cv×h×w → aggregated logits B×(K+1)×H×W (channel 0 background)."""
         return aggregate(self.decoder(readout, f16, f8, f4, size), valid)
 
+    def propagate_clip(
+        self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor | None = None, last_value: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Propagate frame 0's masks through a clip, every frame kept in memory and read densely.
+
+        image B×T×3×H×W in [0, 1] (T ≥ 2), masks0 B×K×H×W, valid B×K (objects present; None: all) → logits
+        B×(T−1)×(K+1)×H×W of frames 1..T−1 and values B×T×K×Cv×h×w. Keys of all frames are encoded in one batch.
+        The last frame's value is read by nothing but the contrastive loss; `last_value=False` skips encoding it
+        (values B×(T−1)×…).
+        """
+        b, t = image.shape[0], image.shape[1]
+        if t < 2:
+            raise ValueError("propagate_clip needs a clip of at least 2 frames")
+        size = (image.shape[-2], image.shape[-1])
+        frames = image.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        key, f16, f8, f4 = self.encode_key(frames)
+        key, f16 = key.unflatten(0, (b, t)), f16.unflatten(0, (b, t))
+        f8, f4 = f8.unflatten(0, (b, t)), f4.unflatten(0, (b, t))
+        masks = masks0 if valid is None else masks0 * valid[:, :, None, None].to(masks0.dtype)
+        values = [self.encode_value(image[:, 0], f16[:, 0], masks)]
+        logits: list[torch.Tensor] = []
+        for i in range(1, t):
+            mem_key = key[:, :i].transpose(1, 2).flatten(2)  # B×Ck×(i·h·w)
+            mem_value = torch.stack(values, dim=3).flatten(3)  # B×K×Cv×(i·h·w)
+            out = self.decode(
+                self.read(mem_key, mem_value, key[:, i], None), f16[:, i], f8[:, i], f4[:, i], size, valid
+            )
+            logits.append(out)
+            if i < t - 1 or last_value:
+                values.append(self.encode_value(image[:, i], f16[:, i], torch.softmax(out, dim=1)[:, 1:]))
+        return torch.stack(logits, dim=1), torch.stack(values, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Propagate frame 0's labels through a clip.
+        """Propagate frame 0's labels through a clip (for export and shape checks; the inferer streams long videos).
 
         x: B×4×T×H×W, channels 0-2 the RGB frames in [0, 1], channel 3 the annotated frame's label map on frame 0
-        (other frames ignored). Returns aggregated logits B×(K+1)×T×H×W for labels 0..K, K = `num_objects`; every
-        frame is kept in memory, which suits short clips (the streaming inferer bounds memory for long videos).
+        (other frames ignored), T ≥ 2. Returns aggregated logits B×(K+1)×T×H×W for labels 0..K, K the largest label
+        on frame 0; frame 0's are its labels'.
         """
-        frames, labels = x[:, :3], x[:, 3, 0].round().long()
-        size = (x.shape[-2], x.shape[-1])
-        masks = F.one_hot(labels.clamp(0, self.num_objects), self.num_objects + 1).permute(0, 3, 1, 2)[:, 1:]
-        masks = masks.to(x.dtype)
-        key, f16, _, _ = self.encode_key(frames[:, :, 0])
-        mem_keys = [key.flatten(2)]
-        mem_values = [self.encode_value(frames[:, :, 0], f16, masks).flatten(3)]
-        outputs = [aggregate(torch.logit(masks.clamp(1e-4, 1 - 1e-4)))]
-        for t in range(1, x.shape[2]):
-            key, f16, f8, f4 = self.encode_key(frames[:, :, t])
-            readout = self.read(torch.cat(mem_keys, 2), torch.cat(mem_values, 3), key, None)
-            logits = self.decode(readout, f16, f8, f4, size, None)
-            outputs.append(logits)
-            mem_keys.append(key.flatten(2))
-            mem_values.append(self.encode_value(frames[:, :, t], f16, torch.softmax(logits, 1)[:, 1:]).flatten(3))
-        return torch.stack(outputs, dim=2)
+        labels = x[:, 3, 0].round().long()
+        masks = F.one_hot(labels, int(labels.max()) + 1).permute(0, 3, 1, 2)[:, 1:].to(x.dtype)
+        logits, _ = self.propagate_clip(x[:, :3].transpose(1, 2), masks, None, False)
+        first = aggregate(torch.logit(masks.clamp(1e-4, 1 - 1e-4)))
+        return torch.cat([first[:, None], logits], dim=1).transpose(1, 2)

@@ -18,7 +18,8 @@ from pathlib import Path
 from PIL import Image
 
 from scripts.data import list_sequences, short_side_shape
-from scripts.io import InputError, staged_output
+from scripts.errors import InputError
+from scripts.outputs import staged_output
 
 
 def pack(source: Path, target: Path, short_side: int, quality: int) -> int:

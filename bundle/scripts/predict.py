@@ -9,35 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts import io
-
-
-def as_bool(value: object) -> bool:
-    """Command-line flags arrive as bools, ints or strings ('true', 'false', '1', '0')."""
-    if isinstance(value, str):
-        if value.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.strip().lower() in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"expected true or false, got {value!r}")
-    return bool(value)
-
-
-def as_list(value: object) -> list:
-    """'a,b' strings, tuples (as fire parses '0,5') and scalars → list."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
+from scripts.annotations import read_annotations
+from scripts.flags import as_bool, as_list
+from scripts.outputs import LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
+from scripts.overlay import write_overlay
+from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, open_video
 
 
 def video_name(path: str | Path) -> str:
     """File or folder name without its (double) suffix: clip.nii.gz → clip."""
     name = Path(path).name
-    for suffix in io.NIFTI_SUFFIXES + io.VIDEO_SUFFIXES + (".dcm",):
+    for suffix in NIFTI_SUFFIXES + VIDEO_SUFFIXES + (".dcm",):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -70,20 +52,20 @@ class Prediction:
 
     def run(self) -> Path:
         """Run the job; returns the label series' path."""
-        io.prepare_output_dir(self.output_dir, self.overwrite)  # refuse before any work is done
-        source = io.open_video(self.video)
-        annotations = io.read_annotations(self.masks, self.frames, source.info)
+        prepare_output_dir(self.output_dir, self.overwrite)  # refuse before any work is done
+        source = open_video(self.video)
+        annotations = read_annotations(self.masks, self.frames, source.info)
         name = video_name(self.video)
-        with io.staged_output(self.output_dir, self.overwrite) as staging:
-            with io.LabelSeriesWriter(staging / f"{name}_seg.nii.gz", source.info) as series:
+        with staged_output(self.output_dir, self.overwrite) as staging:
+            with LabelSeriesWriter(staging / f"{name}_seg.nii.gz", source.info) as series:
                 if self.save_png:
                     (staging / name).mkdir()
                 for t, labels in self.propagator.propagate(source, annotations):
                     series.write(t, labels)
                     if self.save_png:
-                        io.write_png_labels(staging / name, t, labels)
+                        write_png_labels(staging / name, t, labels)
                 if self.save_overlay:  # from the writer's on-disk buffer: frames in order, never all in RAM
-                    io.write_overlay(staging / f"{name}_overlay.{self.overlay_format}", source, series.labels)
+                    write_overlay(staging / f"{name}_overlay.{self.overlay_format}", source, series.labels)
         result = Path(self.output_dir) / f"{name}_seg.nii.gz"
         print(f"wrote {result}: {len(source)} frames propagated from annotated frame(s) {sorted(annotations)}")
         return result

@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from scripts.io import VideoSource, pixel_info, staged_output, write_png_labels
+from scripts.outputs import staged_output, write_png_labels
+from scripts.readers import VideoSource, pixel_info
 
 CAVITY, MYOCARDIUM = 1, 2
 FAN_HALF_ANGLE = np.deg2rad(40.0)
@@ -155,4 +156,16 @@ def write_echo_dataset(
             "sequences": sequences,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(root)
+
+
+def ensure_echo_dataset(root: str | Path, seed: int = 0, num_sequences: int = 10, num_frames: int = 40) -> Path:
+    """The synthetic echo training set at ``root``, written on first use; under DDP rank 0 writes it, others wait."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not (Path(root) / "JPEGImages").is_dir() and (not distributed or dist.get_rank() == 0):
+        write_echo_dataset(root, num_sequences=num_sequences, num_frames=num_frames, seed=seed)
+    if distributed:
+        dist.barrier()
     return Path(root)

@@ -1,9 +1,9 @@
 """The training iteration and the small handlers MONAI lacks for it.
 
-Training runs the inference loop on short clips: frame 0's ground truth is written into memory, every later frame is
-read from memory, decoded, and its prediction encoded back as a value, so what is trained is what is run.
-`ClipPropagation` is the module DDP wraps (DDP only synchronises gradients of work done inside `forward`);
-`TrainingStep` is the `iteration_update` of MONAI's `SupervisedTrainer`.
+Training propagates short clips as inference does (`TCMN.propagate_clip`): frame 0's ground truth is written into
+memory, every later frame is read from memory, decoded, and its prediction encoded back as a value, so what is trained
+is what is run. `ClipPropagation` is the module DDP wraps; `TrainingStep` is the `iteration_update` of MONAI's
+`SupervisedTrainer`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.handlers import MLFlowHandler
+from monai.handlers import CheckpointSaver, MLFlowHandler
 from torch.utils.data import DistributedSampler
 
-from scripts import io
 from scripts.data import gap_curriculum
 from scripts.losses import TemporalContrastiveLoss, pool_embeddings
 from scripts.network import TCMN
+from scripts.overlay import overlay
 
 
 class ClipPropagation(torch.nn.Module):
-    """Propagate frame 0's masks through a clip as at inference, keeping every frame in memory."""
+    """The module DDP wraps: `TCMN.propagate_clip` as its `forward` (DDP only synchronises gradients of work done
+    inside `forward`)."""
 
     def __init__(self, network: TCMN) -> None:
         super().__init__()
@@ -36,27 +37,8 @@ class ClipPropagation(torch.nn.Module):
     def forward(
         self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor, last_value: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K → logits B×(T−1)×(K+1)×H×W, values B×T×K×Cv×h×w.
-
-        The last frame's value is read by nothing but the contrastive loss; `last_value=False` skips encoding it
-        (values B×(T−1)×…), about a tenth of a CPU iteration.
-        """
-        net = self.network
-        b, t = image.shape[:2]
-        size = (image.shape[-2], image.shape[-1])
-        frames = image.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        key, f16, f8, f4 = (f.reshape(b, t, *f.shape[1:]) for f in net.encode_key(frames))
-        values = [net.encode_value(image[:, 0], f16[:, 0], masks0 * valid[:, :, None, None])]
-        logits = []
-        for i in range(1, t):
-            mem_key = key[:, :i].transpose(1, 2).flatten(2)  # B×Ck×(i·h·w)
-            mem_value = torch.stack(values, dim=3).flatten(3)  # B×K×Cv×(i·h·w)
-            readout = net.read(mem_key, mem_value, key[:, i], top_k=None)
-            out = net.decode(readout, f16[:, i], f8[:, i], f4[:, i], size, valid)
-            logits.append(out)
-            if i < t - 1 or last_value:
-                values.append(net.encode_value(image[:, i], f16[:, i], torch.softmax(out, dim=1)[:, 1:]))
-        return torch.stack(logits, dim=1), torch.stack(values, dim=1)
+        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K → logits B×(T−1)×(K+1)×H×W, values B×T×K×Cv×h×w."""
+        return self.network.propagate_clip(image, masks0, valid, last_value)
 
 
 def object_masks(label: torch.Tensor, num_objects: int) -> torch.Tensor:
@@ -163,6 +145,20 @@ class GapCurriculum:
         self.dataset.max_gap = gap_curriculum(
             engine.state.epoch - 1, engine.state.max_epochs, self.start, self.peak, self.end
         )
+
+
+class BestModelSaver(CheckpointSaver):
+    """MONAI's `CheckpointSaver` for the best validation model, with the `state_dict` MONAI's lacks.
+
+    The training checkpoint saves it, so a resumed run knows the best score so far and replaces `model_best.pt` only
+    with a better model. MONAI's saver can load that state (`load_state_dict`) but keeps the key-metric `Checkpoint`
+    it would come from private: this is the one place that reads it.
+    """
+
+    def state_dict(self) -> dict:
+        if self._key_metric_checkpoint is None:
+            raise ValueError("BestModelSaver needs save_key_metric=True")
+        return self._key_metric_checkpoint.state_dict()
 
 
 def latest_checkpoint(directory: str | Path) -> str:
@@ -322,6 +318,6 @@ class TrackingExtras:
         )
         handler.client.log_image(
             handler.cur_run.info.run_id,
-            io.overlay(frame, labels.astype(np.uint8)),
+            overlay(frame, labels.astype(np.uint8)),
             f"overlays/epoch{trainer.state.epoch:03d}_seq{validator.state.iteration}.png",
         )

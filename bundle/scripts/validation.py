@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from ignite.metrics import Metric
 from PIL import Image
 
+from scripts.annotations import read_label_map
 from scripts.data import Sequence, short_side_shape
-from scripts.metrics import boundary_f, region_j
+from scripts.metrics import SequenceScorer, objects_of
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -32,7 +33,7 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         seq = self.sequences[index]
         image = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in seq.frames]))
-        label = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in seq.masks]).astype(np.int64))
+        label = torch.from_numpy(np.stack([read_label_map(p) for p in seq.masks]).astype(np.int64))
         image = image.permute(3, 0, 1, 2).float() / 255  # 3×T×H×W
         label = label[None]  # 1×T×H×W
         if self.size is not None:
@@ -49,29 +50,22 @@ def prepare_sequence_batch(batchdata: dict, device: torch.device, non_blocking: 
     return inputs, label.to(device, non_blocking=non_blocking)
 
 
-def sequence_jf(pred: np.ndarray, label: np.ndarray) -> list[float]:
-    """Per-object J&F of predicted labels T×H×W against truth T×H×W, frame 0 excluded, objects of frame 0."""
-    objects = [int(k) for k in np.unique(label[0]) if k != 0]
-    scores = []
-    for k in objects:
-        per_frame = [
-            (region_j(pred[t] == k, label[t] == k) + boundary_f(pred[t] == k, label[t] == k)) / 2
-            for t in range(1, len(label))
-        ]
-        scores.append(float(np.mean(per_frame)) if per_frame else 1.0)
-    return scores
-
-
 class JandF(Metric):
-    """Mean J&F over all objects of all validated sequences (the dataset score of `metrics.aggregate`)."""
+    """Mean J&F over all objects of all validated sequences (the dataset score of `metrics.aggregate`), scored by
+    `metrics.SequenceScorer` as `evaluate.json` scores (frame 0 excluded, objects of frame 0), without HD95."""
 
     def reset(self) -> None:
         self._scores: list[float] = []
 
     def update(self, output: tuple) -> None:
         preds, labels = output
+        scorer = SequenceScorer(hd95=False)
         for pred, label in zip(preds, labels):
-            self._scores += sequence_jf(np.asarray(pred[0].cpu()), np.asarray(label[0].cpu()))
+            pred, label = np.asarray(pred[0].cpu()), np.asarray(label[0].cpu())  # T×H×W each
+            scorer.reset(objects_of(label[0]))
+            for t in range(len(label)):
+                scorer.append(t, pred[t], label[t])
+            self._scores += [o["J&F"] for o in scorer.aggregate()["objects"].values()]
 
     def compute(self) -> float:
         return float(np.mean(self._scores)) if self._scores else 0.0
