@@ -138,6 +138,7 @@ def test_inference_on_the_sample(tmp_path: Path, checkpoint: Path) -> None:
     assert f"{name}_seg.nii.gz" in result.stdout and "[12]" in result.stdout
 
 
+@pytest.mark.slow
 def test_missing_video_and_existing_results_are_refused(
     tmp_path: Path, checkpoint: Path, clip_files: dict[str, Path], masks: dict[str, Path]
 ) -> None:

@@ -120,6 +120,7 @@ def test_make_propagator():
         make_propagator("magic")
 
 
+@pytest.mark.slow
 def test_shipped_weights_segment_the_embedded_clip(tmp_path: Path) -> None:
     """The weights the Quickstart uses, on the embedded vocalfolds clip (a val sequence, never trained on), through
     evaluate.json's defaults: far above copying the first frame (measured 0.589 against 0.060 when shipped)."""

@@ -330,6 +330,7 @@ def check_tracked_run(uri: str, experiment: str = "tcmn") -> tuple[object, objec
     return client, run
 
 
+@pytest.mark.slow
 def test_local_mlflow_store(local_run: Path) -> None:
     """Without a tracking URI the run goes to `<output_dir>/mlruns.db` (MLflow 3 has no file store)."""
     db = local_run / "mlruns.db"
@@ -337,6 +338,7 @@ def test_local_mlflow_store(local_run: Path) -> None:
     check_tracked_run(f"sqlite:///{db}")
 
 
+@pytest.mark.slow
 def test_checkpoint_outputs(local_run: Path) -> None:
     """A 1-epoch run leaves interval, final and best checkpoints, and the best one is a plain TCMN state dict."""
     ckpt = local_run / "checkpoints"

@@ -107,6 +107,7 @@ def test_metadata_fields_match_environment() -> None:
         jsonschema.validate(broken, json.loads(SCHEMA.read_text()))
 
 
+@pytest.mark.slow
 def test_verify_metadata_offline() -> None:
     """The vendored schema sits at `filepath`, so verify_metadata checks its hash and never downloads."""
     # fmt: off
@@ -119,6 +120,7 @@ def test_verify_metadata_offline() -> None:
     assert "metadata is verified with no error" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_verify_net_in_out() -> None:
     """The inference network (num_objects 1) maps 1×4×3×32×32 to 1×2×3×32×32 float32 (spatial shape with n = 2)."""
     # fmt: off
@@ -129,6 +131,7 @@ def test_verify_net_in_out() -> None:
     # fmt: on
 
 
+@pytest.mark.slow
 def test_torchscript_export_matches_pytorch(exported: dict[str, Path]) -> None:
     """Scripted (not traced) export: any clip length; outputs equal the eager model's on a real clip."""
     frames, mask = sample_clip(3, 128)
@@ -149,6 +152,7 @@ def test_torchscript_export_matches_pytorch(exported: dict[str, Path]) -> None:
     assert (out_short - expected[:, :, :2]).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_torchscript_runs_through_inferer(exported: dict[str, Path]) -> None:
     """inference_torchscript.json layered on inference.json gives the eager model's labels on 5 sample frames."""
     frames, mask = sample_clip(5, 64)
@@ -170,6 +174,7 @@ def test_torchscript_runs_through_inferer(exported: dict[str, Path]) -> None:
     assert any(labels[1][t].any() for t in range(1, 5))
 
 
+@pytest.mark.slow
 def test_onnx_frame_step_matches_pytorch(checkpoint: Path, tmp_path: Path) -> None:
     """The exported per-frame step, run by onnxruntime with memories of 1 and 2 frames (dynamic N), on real frames."""
     ort = pytest.importorskip("onnxruntime")

@@ -88,7 +88,7 @@ def _monai_scores(pred: np.ndarray, gt: np.ndarray, hd95: bool = True) -> dict[s
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """Run torch on one thread: on single-frame masks, thread start-up and sync cost more than the work (MONAI's
-    HD95 ran up to 8× slower with 2 threads on a busy 2-core machine)."""
+    HD95 ran several times slower with 2 threads on a busy 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
