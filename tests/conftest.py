@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import itk
@@ -70,3 +73,27 @@ def clip_files(tmp_path_factory: pytest.TempPathFactory, echo_clip, smooth_clip)
         "mp4": root / "clip.mp4",
         "avi": root / "clip.avi",
     }
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """``mount(name, size, read_only=False)``: a tmpfs of that size mounted at ``tmp_path / name``, for full-disk,
+    read-only and mount-point outputs; unmounted afterwards. Tests using it skip visibly where mounting is denied."""
+    mounted = []
+
+    def mount(name: str, size: str, read_only: bool = False) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip(f"mounting a tmpfs needs root: running as uid {os.geteuid()}")
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a tmpfs needs root: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)

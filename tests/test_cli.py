@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -28,7 +30,11 @@ from scripts.readers import open_video
 
 CONFIGS = REPO / "bundle" / "configs"
 TIMEOUT_S = 900
-SCORES = ("J&F", "J", "F", "Dice", "HD95")
+SCORES = ("J&F", "J", "F", "Dice", "HD95", "Lost")
+# MONAI warns on every run that a config's expressions are eval()ed, before it reads any file of the bundle, so no
+# config can turn it off; the README gives users this filter, which drops exactly that warning: safe here, the
+# configs run are the bundle's own (and the tests' own overrides of them).
+TRUSTED_CONFIGS = "ignore:parsing config_file:UserWarning:monai.bundle.scripts"
 
 
 def bundle_command(job: str, config: str, **overrides: object) -> list[str]:
@@ -40,13 +46,25 @@ def bundle_command(job: str, config: str, **overrides: object) -> list[str]:
     return command
 
 
-def run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    """Start every command at once and wait for all: start-up (imports) dominates, so they overlap well."""
+def run_all(
+    commands: dict[str, list[str]], preexec: dict[str, Callable[[], None]] | None = None
+) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command at once and wait for all: start-up (imports) dominates, so they overlap well.
+    ``preexec`` gives some commands a function run in the child before it starts (e.g. a resource limit)."""
     env = {**os.environ}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")  # tiny workloads; several processes share the cores
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), TRUSTED_CONFIGS]))
     procs = {
-        name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=(preexec or {}).get(name),
+        )
         for name, command in commands.items()
     }
     results = {}
@@ -70,7 +88,8 @@ def refused(result: subprocess.CompletedProcess, *phrases: str) -> None:
 
 
 def no_leftovers(directory: Path) -> None:
-    """No staging (`.NAME.*.partial`), previous-results (`.old`) or label-buffer (`.labels`) entries remain."""
+    """No hidden entry remains: no staging folder (`.tcmn-staging.*`, which also holds replaced results until the end)
+    and no label buffer (`.*.labels`)."""
     hidden = [p.name for p in directory.iterdir() if p.name.startswith(".")]
     assert not hidden, f"left behind in {directory}: {hidden}"
 
@@ -135,36 +154,76 @@ def test_inference_on_the_sample(tmp_path: Path, checkpoint: Path) -> None:
     np.testing.assert_array_equal(read_label_series(out / name), labels)
     with open_video(out / f"{name}_overlay.mp4") as overlay:
         assert (len(overlay), overlay.info.height, overlay.info.width) == (24, 512, 512)
-    assert f"{name}_seg.nii.gz" in result.stdout and "[12]" in result.stdout
+    closing = result.stdout.strip().splitlines()[-1]  # one line naming every output
+    assert closing.startswith("wrote ") and "[12]" in closing, closing
+    for output in (f"{name}_seg.nii.gz", f"{name}/", f"{name}_overlay.mp4"):
+        assert str(out / output) in closing, closing
+
+
+def folder_contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
 def test_missing_video_and_existing_results_are_refused(
     tmp_path: Path, checkpoint: Path, clip_files: dict[str, Path], masks: dict[str, Path]
 ) -> None:
-    """Both refusals exit non-zero naming the path and leave everything as it was; with `--overwrite true` the same
-    job replaces earlier results (in a twin directory, so all three runs overlap) and keeps the NIfTI's geometry."""
+    """Refusals exit non-zero naming the path and leave everything as it was: a missing video, and a folder holding
+    the job's own output. With `--overwrite true` exactly the job's outputs are replaced (the user's notes and the PNG
+    folder of an earlier `--save_png` run stay) and the NIfTI keeps its geometry. `--output_dir` = the folder of the
+    clip and the mask works without overwrite and leaves the inputs untouched. All four runs overlap."""
     missing, fresh = tmp_path / "no_such_clip.mp4", tmp_path / "fresh"
-    occupied, replaced = tmp_path / "occupied", tmp_path / "replaced"
-    for directory in (occupied, replaced):
+    occupied, replaced, inputs = tmp_path / "occupied", tmp_path / "replaced", tmp_path / "inputs"
+    for directory in (occupied, replaced, inputs):
         directory.mkdir()
-        (directory / "old_seg.nii.gz").write_bytes(b"earlier results")
+    for directory in (occupied, replaced):
+        (directory / "clip_seg.nii.gz").write_bytes(b"earlier results")
+        (directory / "notes.txt").write_text("the user's notes")
+        (directory / "clip").mkdir()
+        (directory / "clip" / "00000.png").write_bytes(b"earlier png")
+    shutil.copy(clip_files["nifti"], inputs / "clip.nii.gz")
+    shutil.copy(masks["frame0"], inputs / "mask.png")
+    before = {directory: folder_contents(directory) for directory in (occupied, replaced, inputs)}
     common = dict(mask=masks["frame0"])
     results = run_all(
         {
             "missing": infer(checkpoint, video=missing, output_dir=fresh, **common),
             "occupied": infer(checkpoint, video=clip_files["nifti"], output_dir=occupied, **common),
             "overwrite": infer(checkpoint, video=clip_files["nifti"], output_dir=replaced, overwrite="true", **common),
+            "inputs": infer(
+                checkpoint,
+                video=inputs / "clip.nii.gz",
+                mask=inputs / "mask.png",
+                output_dir=inputs,
+                save_png="true",
+                save_overlay="true",
+            ),
         }
     )
     refused(results["missing"], str(missing), "no such file")
-    refused(results["occupied"], str(occupied), "already holds results")
-    assert [p.name for p in occupied.iterdir()] == ["old_seg.nii.gz"]
-    assert (occupied / "old_seg.nii.gz").read_bytes() == b"earlier results"
+    refused(results["occupied"], str(occupied), "already holds results", "clip_seg.nii.gz")
+    assert folder_contents(occupied) == before[occupied]
+
+    succeeded(results["inputs"])
+    assert sorted(p.name for p in inputs.iterdir()) == [
+        "clip",
+        "clip.nii.gz",
+        "clip_overlay.mp4",
+        "clip_seg.nii.gz",
+        "mask.png",
+    ]
+    assert {k: v for k, v in folder_contents(inputs).items() if k in before[inputs]} == before[inputs]
+    closing = results["inputs"].stdout.strip().splitlines()[-1]
+    assert all(str(inputs / name) in closing for name in ("clip_seg.nii.gz", "clip/", "clip_overlay.mp4")), closing
 
     succeeded(results["overwrite"])
-    assert [p.name for p in replaced.iterdir()] == ["clip_seg.nii.gz"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied", "replaced"]  # no staging, no "fresh"
+    assert sorted(p.name for p in replaced.iterdir()) == ["clip", "clip_seg.nii.gz", "notes.txt"]
+    assert {k: v for k, v in folder_contents(replaced).items() if k != "clip_seg.nii.gz"} == {
+        k: v for k, v in before[replaced].items() if k != "clip_seg.nii.gz"
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "occupied", "replaced"]  # no "fresh"
+    for directory in (occupied, replaced, inputs):
+        no_leftovers(directory)
     seg, source = nib.load(str(replaced / "clip_seg.nii.gz")), nib.load(str(clip_files["nifti"]))
     np.testing.assert_array_equal(seg.affine, AFFINE)
     assert seg.header.get_zooms() == source.header.get_zooms()  # spacing and frame time
@@ -188,6 +247,7 @@ def test_bad_inputs_exit_non_zero_and_write_nothing(
         "wrong size": (dict(video=nifti, mask=masks["small"]), (str(masks["small"]), "mask is 32×32 (H×W)", "64×80")),
         "no foreground": (dict(video=nifti, mask=masks["empty"]), (str(masks["empty"]), "no foreground")),
         "out of range": (dict(video=nifti, mask=good, mask_frame=8), (str(good), "annotated frame 8 is out of range")),
+        "avi overlay": (dict(video=nifti, mask=good, save_overlay="true", overlay_format="avi"), ("--overlay_format",)),
     }
     outputs = {name: tmp_path / f"out_{i}" for i, name in enumerate(cases)}
     results = run_all({name: infer(checkpoint, output_dir=outputs[name], **args) for name, (args, _) in cases.items()})
@@ -229,6 +289,92 @@ def test_mp4_input_and_corrections(
     np.testing.assert_array_equal(labels[5], np.asarray(Image.open(masks["frame5"])))
     assert "[0, 5]" in results["corrected"].stdout
     no_leftovers(tmp_path)
+
+
+def limit_file_size() -> None:
+    """RLIMIT_FSIZE of 20 kB in the child: below the 8×64×80 clip's label buffer."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@pytest.mark.slow
+def test_full_disk_read_only_folder_file_size_limit_and_mount_point(
+    tmp_path: Path, checkpoint: Path, clip_files: dict[str, Path], masks: dict[str, Path], tmpfs
+) -> None:
+    """A full disk (a 200 kB tmpfs and the 24-frame 512×512 sample: refused by the free-space estimate), a read-only
+    output folder (a tmpfs remounted ro, as root ignores permission bits) and a file-size limit (RLIMIT_FSIZE) each
+    end with `error: <path>: <cause>` as the last line, a non-zero exit and nothing left. A mount point with room is
+    an ordinary output folder, `--overwrite true` included (renaming onto it used to fail with EBUSY)."""
+    full, read_only, mount_point = tmpfs("full", "200k"), tmpfs("ro", "1m", read_only=True), tmpfs("mnt", "20m")
+    limited = tmp_path / "limited"
+    limited.mkdir()
+    (mount_point / "clip_seg.nii.gz").write_bytes(b"earlier results")
+    (mount_point / "notes.txt").write_text("the user's notes")
+    sample = dict(
+        video=SAMPLE / "JPEGImages" / SAMPLE_SEQUENCE, mask=SAMPLE / "Annotations" / SAMPLE_SEQUENCE / "00000.png"
+    )
+    clip = dict(video=clip_files["nifti"], mask=masks["frame0"])
+    results = run_all(
+        {
+            "full": infer(checkpoint, output_dir=full, save_png="true", **sample),
+            "read-only": infer(checkpoint, output_dir=read_only, **clip),
+            "file size": infer(checkpoint, output_dir=limited, **clip),
+            "mount point": infer(checkpoint, output_dir=mount_point, overwrite="true", save_png="true", **clip),
+        },
+        preexec={"file size": limit_file_size},
+    )
+    refused(results["full"], f"{full}: not enough free space", "the outputs need about", "24×512×512 label buffer")
+    refused(results["read-only"], f"{read_only}: cannot write the results: Read-only file system")
+    refused(results["file size"], f"{limited / 'clip_seg.nii.gz'}: cannot write the results: File too large")
+    for directory in (full, read_only, limited):
+        assert list(directory.iterdir()) == [], directory
+
+    succeeded(results["mount point"])
+    assert sorted(p.name for p in mount_point.iterdir()) == ["clip", "clip_seg.nii.gz", "notes.txt"]
+    assert (mount_point / "notes.txt").read_text() == "the user's notes"
+    np.testing.assert_array_equal(series(mount_point / "clip_seg.nii.gz")[0], np.asarray(Image.open(masks["frame0"])))
+    no_leftovers(mount_point)
+
+
+@pytest.mark.slow
+def test_volume_geometry_and_checkpoint_kinds(
+    tmp_path: Path, checkpoint: Path, echo_clip, masks: dict[str, Path]
+) -> None:
+    """A 3-D volume (W×H×D, oblique, qform and sform set) comes out with its exact shape, affine and pixdims, from a
+    checkpoint in train.json's format; a file that is no torch file and weights of the other variant are refused
+    naming the checkpoint. The three runs overlap."""
+    oblique = np.array([[0.0, -0.7, 0.0, 10.5], [0.8, 0.0, 0.0, -3.0], [0.0, 0.0, 2.5, 7.25], [0.0, 0.0, 0.0, 1.0]])
+    volume = nib.Nifti1Image(echo_clip[0][..., 0].transpose(2, 1, 0).astype(np.int16) * 4 - 1000, oblique)
+    volume.header.set_qform(oblique, 1)
+    volume.header.set_sform(oblique, 1)
+    volume.header.set_xyzt_units("mm", "sec")  # as CT converters write 3-D volumes
+    nib.save(volume, tmp_path / "ct.nii.gz")
+    trained = tmp_path / "checkpoint_final.pt"  # what train.json's CheckpointSaver writes
+    network = torch.load(checkpoint, weights_only=True)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).state_dict()
+    trainer = {"epoch_length": 1, "max_epochs": 1, "iteration": 1}
+    torch.save(dict(network=network, optimizer=optimizer, lr_scheduler={}, trainer=trainer, best_tracker={}), trained)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    common = dict(video=tmp_path / "ct.nii.gz", mask=masks["frame4"], mask_frame=4)
+    results = run_all(
+        {
+            "volume": infer(trained, output_dir=tmp_path / "out", **common),
+            "garbage": infer(garbage, output_dir=tmp_path / "garbage_out", **common),
+            "variant": infer(checkpoint, variant="full", output_dir=tmp_path / "full_out", **common),
+        }
+    )
+    succeeded(results["volume"])
+    given, seg = nib.load(tmp_path / "ct.nii.gz"), nib.load(tmp_path / "out" / "ct_seg.nii.gz")
+    assert seg.shape == given.shape == (80, 64, 8)
+    np.testing.assert_array_equal(seg.affine, given.affine)
+    assert (seg.header["qform_code"], seg.header["sform_code"]) == (1, 1)
+    assert seg.header.get_zooms() == given.header.get_zooms() and seg.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_array_equal(
+        series(tmp_path / "out" / "ct_seg.nii.gz")[4], np.asarray(Image.open(masks["frame4"]))
+    )
+    refused(results["garbage"], str(garbage), "not a PyTorch file")
+    refused(results["variant"], str(checkpoint), "holds weights of another network", "--variant")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_final.pt", "ct.nii.gz", "garbage.pt", "out"]
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +420,57 @@ def test_evaluating_every_method(tmp_path: Path, checkpoint: Path, sample_cut: P
         preds = sorted((out / "pred" / SAMPLE_SEQUENCE).iterdir())
         assert [p.name for p in preds] == [f"{t:05d}.png" for t in range(4)]
         assert (out / "per_sequence.csv").is_file() and (out / "jf.png").is_file()
+        closing = results[method].stdout.strip().splitlines()[-1]  # one line naming every output
+        for name in ("metrics.json", "per_sequence.csv", "jf.png", "pred/"):
+            assert str(out / name) in closing, closing
     copy = read_label_series(tmp_path / "copy" / "pred" / SAMPLE_SEQUENCE)
     np.testing.assert_array_equal(copy, np.repeat(copy[:1], 4, axis=0))  # the copy baseline, through the CLI
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(methods)
+
+
+@pytest.mark.slow
+def test_command_line_mistakes_are_refused_before_any_work(tmp_path: Path, checkpoint: Path) -> None:
+    """A mistyped flag is refused naming the closest valid one and listing them all, `--help` lists every flag and runs
+    nothing, a bad value ends with the one line `error: --flag VALUE: …`; none writes anything, and no run prints
+    MONAI's eval warning (see `TRUSTED_CONFIGS`) or its warning about a missing logging.conf."""
+    out = tmp_path / "out"  # no job may create it
+    inference = dict(ckpt_path=checkpoint, output_dir=out)
+    commands = {
+        "typo": bundle_command("inference", "inference.json", vidoe=SAMPLE, **inference),
+        "plural": bundle_command("inference", "inference.json", save_overlays="true", **inference),
+        "training typo": bundle_command("training", "train.json", max_epoch=3, output_dir=out),
+        "help": bundle_command("inference", "inference.json", **inference) + ["--help"],
+    }
+    bad_values = {
+        ("inference", "mask_frame", "middle"),
+        ("inference", "mask_frame", "2.5"),
+        ("inference", "save_png", "maybe"),
+        ("inference", "size", "0"),
+        ("inference", "overlay_format", "avi"),
+        ("evaluating", "method", "flo"),
+    }
+    if not torch.cuda.is_available():
+        bad_values.add(("inference", "device", "cuda"))
+    config = {"inference": "inference.json", "evaluating": "evaluate.json"}
+    for job, flag, value in bad_values:
+        commands[f"--{flag} {value}"] = bundle_command(job, config[job], **{**inference, flag: value})
+    results = run_all(commands)
+
+    flags = json.loads((CONFIGS / "inference.json").read_text())["flags"]
+    refused(results["typo"], "--vidoe", "did you mean --video?", *(f"--{name}," for name in list(flags)[:-1]))
+    refused(results["plural"], "--save_overlays", "did you mean --save_overlay?")
+    refused(results["training typo"], "--max_epoch", "did you mean --max_epochs?")
+    succeeded(results["help"])
+    lines = results["help"].stdout.splitlines()
+    for name, spec in flags.items():
+        (line,) = [line for line in lines if line.lstrip().startswith(f"--{name} ")]
+        assert spec["help"] in line and ("(default: " in line or "(set to: " in line), line
+    assert "wrote" not in results["help"].stdout
+    for _, flag, value in bad_values:
+        result = results[f"--{flag} {value}"]
+        refused(result, f"--{flag} {value}: ")
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: --{flag} {value}: "), result.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.iterdir())
+    for name, result in results.items():
+        assert "only proceed if" not in result.stderr.lower(), name
+        assert "logging.conf does not exist" not in result.stdout + result.stderr, name

@@ -45,7 +45,7 @@ def test_writes_all_outputs(tmp_path, capsys):
     assert metrics["J&F"] == pytest.approx(report["J&F"]) and 0 < metrics["J"] < 1
     obj = metrics["sequences"]["alpha"]["objects"]["1"]
     assert [f["frame"] for f in obj["frames"]] == [1, 2, 3, 4]
-    assert {"J&F", "J", "F", "Dice", "HD95", "frame"} == set(obj["frames"][0])
+    assert {"J&F", "J", "F", "Dice", "HD95", "Lost", "frame"} == set(obj["frames"][0])
     for seq in SEQUENCES:
         preds = sorted((out / "pred" / seq).glob("*.png"))
         assert [p.name for p in preds] == [f"{t:05d}.png" for t in range(NUM_FRAMES)]
@@ -65,16 +65,25 @@ def test_flow_beats_copy_on_a_moving_square(tmp_path):
     assert flow["J&F"] > copy["J&F"]
 
 
-def test_refuses_existing_output(tmp_path):
+def test_refuses_existing_output(tmp_path, capsys):
+    """Other files in the output folder are fine and survive; the job's own outputs are refused or replaced."""
     root = make_root(tmp_path / "tiny")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("previous results")
-    with pytest.raises(InputError, match="already holds results"):
+    (out / "keep.txt").write_text("the user's notes")
+    Evaluation(str(root), str(out), CopyFirstFrame(), progress=False).run()
+    own = ["jf.png", "metrics.json", "per_sequence.csv", "pred"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(own + ["keep.txt"])
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith("wrote ") and all(str(out / name) in closing for name in own), closing
+    (out / "metrics.json").write_text("earlier results")
+    with pytest.raises(InputError, match="already holds results.*metrics.json"):
         Evaluation(str(root), str(out), CopyFirstFrame(), progress=False).run()
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "metrics.json").read_text() == "earlier results"
     Evaluation(str(root), str(out), CopyFirstFrame(), overwrite=True, progress=False).run()
-    assert (out / "metrics.json").is_file() and not (out / "keep.txt").exists()
+    assert json.loads((out / "metrics.json").read_text())["method"] == "CopyFirstFrame"
+    assert (out / "keep.txt").read_text() == "the user's notes"
+    assert sorted(p.name for p in out.iterdir()) == sorted(own + ["keep.txt"])  # no staging left behind
 
 
 def test_empty_first_annotation_writes_nothing(tmp_path):

@@ -24,6 +24,7 @@ from conftest import AFFINE, REPO
 from monai.bundle import ConfigParser
 from PIL import Image
 
+import scripts.inferer
 from scripts.errors import InputError
 from scripts.inferer import ModelPropagator, PropagationInferer
 from scripts.memory import MemoryBank
@@ -370,3 +371,26 @@ def test_peak_memory_is_flat_in_video_length(tmp_path: Path) -> None:
     assert peaks[3000]["loop"] <= 1.10 * peaks[300]["loop"]
     growth = {n: peak["loop"] - peak["warm"] - n * 64 * 64 / 2**20 for n, peak in peaks.items()}  # beyond the memmap
     assert growth[3000] <= max(growth[300], 0.0) + 4.0, growth
+
+
+def test_frames_too_large_for_memory_run_at_a_fitted_size(
+    net: TCMN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The memory read grows with the fourth power of the frame side: where one read would need more than half of the
+    memory available, the network runs at the largest short side that fits, says so, and labels keep the frame size."""
+    inferer = PropagationInferer()
+    huge = inferer.fitted_size(3000, 4000, 1, budget=8 * 2**30)  # a 4000×3000 video on a machine with 16 GiB free
+    assert huge is not None and huge % 16 == 0 and huge < 3000
+    assert inferer.read_bytes(3000, 4000, 1, huge) <= 8 * 2**30 < inferer.read_bytes(3000, 4000, 1, huge + 16)
+    assert inferer.fitted_size(288, 384, 1, budget=8 * 2**30) is None  # fits at full size: untouched
+
+    source = SyntheticEchoSource(5, 96, 128, seed=8)
+    budget = inferer.read_bytes(96, 128, 1, 48)  # room for a 48-pixel short side, not for 96
+    monkeypatch.setattr(scripts.inferer, "available_memory", lambda device: 2 * budget)
+    with caplog.at_level("WARNING", logger="scripts.inferer"):
+        out = run(ModelPropagator(net, inferer), source, {0: source.labels(0)})
+    assert "running the network at --size 48" in caplog.text and str(source.info.path) in caplog.text
+    expected = run(ModelPropagator(net, PropagationInferer(size=48)), source, {0: source.labels(0)})
+    assert all(v.shape == (96, 128) for _, v in out)
+    for (t, labels), (u, reference) in zip(out, expected):
+        assert t == u and np.array_equal(labels, reference)

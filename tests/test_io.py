@@ -4,7 +4,9 @@ scripts.outputs, scripts.overlay)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import struct
 from pathlib import Path
 
 import itk
@@ -29,7 +31,7 @@ def mae(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_pipeline(video: Path, masks: list[Path], frames: list[int] | None, out: Path, overwrite: bool = False) -> None:
     """What an inference entry point does with user inputs: stage outputs, read and validate, write labels."""
-    with staged_output(out, overwrite) as staging:
+    with staged_output(out, ["labels.nii.gz"], overwrite) as staging:
         source = open_video(video)
         annotations = read_annotations(masks, frames, source.info)
         first = min(annotations)
@@ -40,7 +42,7 @@ def run_pipeline(video: Path, masks: list[Path], frames: list[int] | None, out: 
 
 def assert_nothing_written(out: Path) -> None:
     assert not out.exists()
-    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
 def assert_input_error(error: pytest.ExceptionInfo, path: Path, *words: str) -> None:
@@ -183,6 +185,170 @@ def test_dicom_multiframe_round_trip_is_exact(tmp_path, echo_clip, smooth_clip, 
     again = open_video(tmp_path / "again.dcm")
     np.testing.assert_array_equal(np.stack(list(again)), frames)
     np.testing.assert_array_equal(again.info.affine, source.info.affine)
+
+
+# ---------------------------------------------------------------- geometry: labels overlay on their input
+
+# a rotated, offset, non-unit-spacing geometry, exact in float32 (a CT/MR volume's kind)
+OBLIQUE = np.array([[0.0, -0.7, 0.0, 10.5], [0.8, 0.0, 0.0, -3.0], [0.0, 0.0, 2.5, 7.25], [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    "name, make, zooms, units, codes, out_shape",
+    [
+        (
+            "volume",
+            lambda f: f[..., 0].transpose(2, 1, 0).astype(np.int16) - 500,
+            (0.8, 0.7, 2.5),
+            ("mm", "unknown"),
+            (1, 1),
+            (80, 64, 8),
+        ),
+        ("WxHxT", lambda f: f[..., 0].transpose(2, 1, 0), (0.5, 0.25, 0.04), ("mm", "sec"), (0, 2), (80, 64, 8)),
+        (
+            "WxHx1xT",
+            lambda f: f[..., 0].transpose(2, 1, 0)[:, :, None],
+            (0.5, 0.25, 1.0, 0.04),
+            ("mm", "sec"),
+            (0, 2),
+            (80, 64, 1, 8),
+        ),
+        ("WxHxTx3", lambda f: f.transpose(2, 1, 0, 3), (0.5, 0.25, 0.04, 1.0), ("mm", "sec"), (1, 0), (80, 64, 8)),
+    ],
+)
+def test_label_series_has_the_nifti_input_layout(tmp_path, smooth_clip, name, make, zooms, units, codes, out_shape):
+    """Same shape (less an RGB axis), affine, qform/sform codes, pixdims and units: the labels overlay in a viewer."""
+    affine = (OBLIQUE if name == "volume" else AFFINE).copy()
+    affine[:3, 2] *= zooms[2] / np.linalg.norm(affine[:3, 2])  # the qform's 3rd zoom is pixdim[3]
+    image = nib.Nifti1Image(make(smooth_clip), affine)
+    image.header.set_zooms(zooms)
+    image.header.set_qform(affine, codes[0])
+    image.header.set_sform(affine, codes[1])
+    image.header.set_xyzt_units(*units)
+    nib.save(image, tmp_path / f"{name}.nii.gz")
+    source = open_video(tmp_path / f"{name}.nii.gz")
+    labels = (np.stack(list(source))[..., 0] // 64).astype(np.uint8)
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", source.info) as writer:
+        for t in range(len(source)):
+            writer.write(t, labels[t])
+    given, written = nib.load(tmp_path / f"{name}.nii.gz"), nib.load(tmp_path / "labels.nii.gz")
+    assert (int(given.header["qform_code"]), int(given.header["sform_code"])) == codes
+    assert written.shape == out_shape and written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(written.affine, given.affine)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == codes
+    np.testing.assert_array_equal(written.header.get_zooms(), given.header.get_zooms()[: len(out_shape)])
+    assert written.header.get_xyzt_units() == units
+    np.testing.assert_array_equal(read_label_series(tmp_path / "labels.nii.gz"), labels)
+    again = open_video(tmp_path / "labels.nii.gz").info
+    assert (again.spacing, again.fps) == (source.info.spacing, source.info.fps)
+    assert source.info.fps == (25.0 if name == "WxHx1xT" else None)  # only a 4th axis is time for NIfTI
+
+
+def _dicom_element(group: int, element: int, vr: str, value: bytes | str) -> bytes:
+    """One explicit-VR little-endian DICOM element."""
+    if isinstance(value, str):
+        value = value.encode() + (b"" if len(value) % 2 == 0 else b"\0" if vr == "UI" else b" ")
+    if vr in ("OB", "SQ"):
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
+def _write_dicom(path: Path, frames: np.ndarray, sop_class: str, extra: list[tuple]) -> None:
+    """A multi-frame grey DICOM holding exactly the given attributes, as devices export them: ITK's writer would put
+    the spacing in a functional group, where ITK also reads it, and drops a top-level PixelSpacing."""
+    uid = "1.2.826.0.1.3680043.8.498.7"
+    meta = b"".join(
+        _dicom_element(0x0002, e, vr, v)
+        for e, vr, v in [(1, "OB", b"\0\1"), (2, "UI", sop_class), (3, "UI", uid), (0x10, "UI", "1.2.840.10008.1.2.1")]
+    )
+    meta = _dicom_element(0x0002, 0, "UL", struct.pack("<I", len(meta))) + meta
+    t, h, w = frames.shape
+    u16 = struct.Struct("<H").pack
+    elements = [
+        (0x0008, 0x0016, "UI", sop_class),
+        (0x0008, 0x0018, "UI", uid),
+        (0x0008, 0x0060, "CS", "OT"),
+        (0x0020, 0x000D, "UI", uid + ".1"),
+        (0x0020, 0x000E, "UI", uid + ".2"),
+        (0x0028, 0x0002, "US", u16(1)),
+        (0x0028, 0x0004, "CS", "MONOCHROME2"),
+        (0x0028, 0x0008, "IS", str(t)),
+        (0x0028, 0x0010, "US", u16(h)),
+        (0x0028, 0x0011, "US", u16(w)),
+        (0x0028, 0x0100, "US", u16(8)),
+        (0x0028, 0x0101, "US", u16(8)),
+        (0x0028, 0x0102, "US", u16(7)),
+        (0x0028, 0x0103, "US", u16(0)),
+        (0x7FE0, 0x0010, "OB", frames.tobytes()),
+        *extra,
+    ]
+    body = b"".join(_dicom_element(*e) for e in sorted(elements, key=lambda e: e[:2]))
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
+
+
+def _ultrasound_region(delta_x_cm: float, delta_y_cm: float) -> tuple:
+    """SequenceOfUltrasoundRegions (0018,6011) with one region measured in cm (units code 3)."""
+    item = b"".join(
+        _dicom_element(0x0018, e, vr, v)
+        for e, vr, v in [
+            (0x6024, "US", struct.pack("<H", 3)),
+            (0x6026, "US", struct.pack("<H", 3)),
+            (0x602C, "FD", struct.pack("<d", delta_x_cm)),
+            (0x602E, "FD", struct.pack("<d", delta_y_cm)),
+        ]
+    )
+    return 0x0018, 0x6011, "SQ", struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7.2"  # multi-frame grayscale byte SC
+ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+
+
+@pytest.mark.parametrize(
+    "sop_class, spacing_element",
+    [
+        (SECONDARY_CAPTURE, (0x0028, 0x0030, "DS", "0.25\\0.3")),  # PixelSpacing: row (y) spacing first
+        (SECONDARY_CAPTURE, (0x0018, 0x1164, "DS", "0.25\\0.3")),  # ImagerPixelSpacing
+        (ULTRASOUND_MULTIFRAME, _ultrasound_region(0.03, 0.025)),  # physical deltas in cm
+    ],
+    ids=["PixelSpacing", "ImagerPixelSpacing", "ultrasound-regions"],
+)
+def test_dicom_spacing_is_read_from_the_file(tmp_path, echo_clip, caplog, sop_class, spacing_element):
+    frames = np.ascontiguousarray(echo_clip[0][..., 0])
+    _write_dicom(tmp_path / "cine.dcm", frames, sop_class, [spacing_element])
+    with caplog.at_level(logging.WARNING, logger="scripts.readers"):
+        source = open_video(tmp_path / "cine.dcm")
+    assert not caplog.records
+    assert source.info.spacing == pytest.approx((0.3, 0.25))
+    np.testing.assert_allclose(np.abs(source.info.affine[:3, :2]).sum(0), (0.3, 0.25))
+    np.testing.assert_array_equal(np.stack(list(source))[..., 0], frames)
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", source.info) as writer:
+        for t in range(len(source)):
+            writer.write(t, echo_clip[1][t])
+    assert open_video(tmp_path / "labels.nii.gz").info.spacing == pytest.approx((0.3, 0.25))
+
+
+def test_dicom_without_spacing_warns_that_1mm_is_assumed(tmp_path, echo_clip, caplog):
+    _write_dicom(tmp_path / "cine.dcm", np.ascontiguousarray(echo_clip[0][..., 0]), SECONDARY_CAPTURE, [])
+    with caplog.at_level(logging.WARNING, logger="scripts.readers"):
+        source = open_video(tmp_path / "cine.dcm")
+    assert source.info.spacing == (1.0, 1.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'cine.dcm'}: no pixel spacing found (PixelSpacing, ImagerPixelSpacing or ultrasound regions); "
+        "1.0 mm assumed"
+    ]
+
+
+def test_dicom_spacing_in_a_functional_group_is_read_without_warning(tmp_path, echo_clip, caplog):
+    """ITK writes the spacing into the shared functional groups' Pixel Measures, 1\\1 when the image has none."""
+    frames = np.ascontiguousarray(echo_clip[0][..., 0])
+    for name, spacing in (("measured.dcm", (0.3, 0.25)), ("unit.dcm", (1.0, 1.0))):
+        image = itk.image_from_array(frames)
+        image.SetSpacing([*spacing, 1.0])
+        itk.imwrite(image, str(tmp_path / name))
+        with caplog.at_level(logging.WARNING, logger="scripts.readers"):
+            assert open_video(tmp_path / name).info.spacing == pytest.approx(spacing)
+    assert not caplog.records
 
 
 # ---------------------------------------------------------------- annotations
@@ -422,16 +588,21 @@ def test_nifti_that_is_not_2d_plus_t(tmp_path, clip_labels_png, shape):
 
 
 def test_output_directory_with_results(clip_files, tmp_path, clip_labels_png):
+    """Only the job's own output name is refused or replaced; the user's other files stay as they are."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("previous run")
+    (out / "notes.txt").write_text("the user's notes")
+    run_pipeline(clip_files["frames"], [clip_labels_png], None, out)  # a folder holding other files is fine
+    assert sorted(os.listdir(out)) == ["labels.nii.gz", "notes.txt"]
+    (out / "labels.nii.gz").write_bytes(b"previous run")
     with pytest.raises(InputError) as error:
         run_pipeline(clip_files["frames"], [clip_labels_png], None, out)
-    assert_input_error(error, out, "already holds results")
-    assert os.listdir(out) == ["old.txt"]
+    assert_input_error(error, out, "already holds results", "labels.nii.gz")
     with pytest.raises(InputError):  # overwrite, but the run fails: the old results stay
         run_pipeline(clip_files["frames"], [tmp_path / "absent.png"], None, out, overwrite=True)
-    assert os.listdir(out) == ["old.txt"]
+    assert sorted(os.listdir(out)) == ["labels.nii.gz", "notes.txt"]
+    assert (out / "labels.nii.gz").read_bytes() == b"previous run"
     run_pipeline(clip_files["frames"], [clip_labels_png], None, out, overwrite=True)
-    assert os.listdir(out) == ["labels.nii.gz"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert sorted(os.listdir(out)) == ["labels.nii.gz", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "the user's notes"
+    assert read_label_series(out / "labels.nii.gz").shape == (8, 64, 80)

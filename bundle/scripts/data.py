@@ -47,6 +47,7 @@ __all__ = [
     "ShortSideResized",
     "gap_curriculum",
     "list_sequences",
+    "remap_objects",
     "load_split",
     "clip_transforms",
 ]
@@ -228,6 +229,14 @@ def clip_transforms(crop_size: int) -> Compose:
     )
 
 
+def remap_objects(label: torch.Tensor, objects: Iterable[int]) -> torch.Tensor:
+    """Label values → object numbers: ``objects[i]`` becomes i + 1, every other value 0 (background)."""
+    objects = [int(k) for k in objects]
+    lut = torch.zeros(256, dtype=torch.long)
+    lut[torch.tensor(objects, dtype=torch.long)] = torch.arange(1, len(objects) + 1)
+    return lut[label.long()]
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Random training clips: ``num_frames`` frames of one sequence with up to ``max_objects`` objects.
 
@@ -310,9 +319,7 @@ class ClipDataset(torch.utils.data.Dataset):
             present = [k for k in objects if counts[k] > 0]
             if len(present) == len(objects):
                 break
-        lut = torch.zeros(256, dtype=torch.long)
-        lut[present] = torch.arange(1, len(present) + 1)
-        return convert_to_tensor(out["image"], track_meta=False), lut[out_label], len(present)
+        return convert_to_tensor(out["image"], track_meta=False), remap_objects(out_label, present), len(present)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         if index < 0:

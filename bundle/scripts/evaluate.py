@@ -23,10 +23,11 @@ from .data import Sequence, list_sequences
 from .errors import InputError
 from .flags import as_bool
 from .metrics import SCORES, SequenceScorer, aggregate, objects_of
-from .outputs import staged_output, write_png_labels
+from .outputs import prepare_output_dir, staged_output, write_png_labels
 from .readers import open_video
 
 METHODS = ("model", "copy", "flow")
+OUTPUTS = ("metrics.json", "per_sequence.csv", "jf.png", "pred")  # all an evaluation writes into its output folder
 
 
 def make_propagator(method: str, model_propagator=None):
@@ -74,10 +75,12 @@ class Evaluation:
         self.progress = progress
 
     def run(self) -> dict:
-        """Evaluate every selected sequence and write the outputs; nothing is written unless all succeed."""
+        """Evaluate every selected sequence and write ``OUTPUTS``; nothing is written unless all succeed, and nothing
+        else in the output folder is touched."""
+        prepare_output_dir(self.output_dir, OUTPUTS, self.overwrite)  # refuse before any work is done
         selected = self.select()
         multi = len(self.roots) > 1
-        with staged_output(self.output_dir, self.overwrite) as staging:
+        with staged_output(self.output_dir, OUTPUTS, self.overwrite) as staging:
             results: dict[str, dict[str, dict]] = defaultdict(dict)
             for seq in tqdm(selected, desc="evaluate", unit="seq", disable=not self.progress):
                 pred_dir = staging / "pred" / (f"{seq.dataset}/{seq.name}" if multi else seq.name)
@@ -87,6 +90,8 @@ class Evaluation:
             _write_csv(staging / "per_sequence.csv", results)
             _plot(staging / "jf.png", results, report["J&F"], multi)
         _print_table(report, results)
+        out = self.output_dir.absolute()
+        print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}/ (predicted label maps)")
         return report
 
     def select(self) -> list[Sequence]:

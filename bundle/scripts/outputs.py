@@ -1,15 +1,19 @@
-"""Write results: output folders staged so a failed run leaves nothing behind, NIfTI series and PNG label maps.
+"""Write results: outputs staged so a failed run leaves nothing behind, NIfTI series and PNG label maps.
 
-Series are written ``W×H×1×T`` with the input's affine and ``pixdim[4] = 1 / fps`` (the axis convention of
-``scripts.readers``), so they read back exactly. Every output goes through ``staged_output``, so a failed run leaves
-no partial results and never touches what was there before.
+A NIfTI input's label series is written in its own layout (``VideoInfo.layout``: shape, qform/sform, pixdims, units)
+so it overlays on the input in a viewer; other inputs' as ``W×H×1×T`` with their affine and ``pixdim[4] = 1 / fps``
+(the axis convention of ``scripts.readers``). Either way they read back exactly. Every job writes through
+``staged_output``, which replaces only the names the job declares, so a failed run leaves no partial results and
+never touches anything else in the folder.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,79 +24,253 @@ from numpy.lib import recfunctions
 from PIL import Image
 
 from scripts.errors import InputError
-from scripts.readers import NIFTI_SUFFIXES, RGB24, VideoInfo, path_suffix
+from scripts.readers import NIFTI_SUFFIXES, RGB24, NiftiLayout, VideoInfo, path_suffix
+
+STAGING_PREFIX = ".tcmn-staging."
+# errors that mean "the results cannot be written here"; any of them ends the job with the folder and the cause
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY}
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Check that ``path`` may receive results (absent, empty, or ``overwrite``); creates nothing."""
-    path = Path(path).absolute()
+def _check_names(names: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"output names must be a sequence of names, got the single string {names!r}")
+    names = tuple(names)
+    for name in names:
+        if not name or name in (".", "..") or Path(name).name != name:
+            raise ValueError(f"output name {name!r} must be a single file or folder name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"output names {names} repeat")
+    return names
+
+
+def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool) -> Path:
+    """Check that ``path`` may receive the outputs ``names``; creates nothing.
+
+    A folder holding other files is fine: only an existing output of the job's own is refused, unless ``overwrite``.
+    """
+    path, names = Path(path).absolute(), _check_names(names)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: output path exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise InputError(f"{path}: output directory already holds results; choose another or pass overwrite=True")
+    existing = [name for name in names if os.path.lexists(path / name)]
+    if existing and not overwrite:
+        raise InputError(
+            f"{path}: output directory already holds results ({', '.join(existing)}); choose another or pass "
+            "overwrite=True (--overwrite true) to replace exactly those"
+        )
     return path
 
 
+def _size(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError
+
+
+def _cannot_write(exc: OSError, directory: Path, staging: Path, names: tuple[str, ...]) -> InputError | None:
+    """The one-line error for an OSError met while writing: the output (or folder) it concerns and the cause."""
+    filename = Path(exc.filename) if exc.filename else None
+    if filename is not None and staging in filename.parents:  # the output's final name, not the staging one
+        name = filename.relative_to(staging).parts[0]
+        filename = directory / name if name in names else directory
+    elif exc.errno not in _WRITE_ERRNOS:
+        return None  # not about the results (an input that cannot be read is named by its reader)
+    return InputError(f"{filename or directory}: cannot write the results: {exc.strerror or exc}")
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p`` that returns the folders it created (outermost first), so a failed run can remove them."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    for p in missing:
+        p.mkdir()  # mode 0777 less the umask, like any folder the user creates
+    return missing
+
+
 @contextmanager
-def staged_output(final_path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final_path`` to write into; it replaces ``final_path`` only on success.
+def staged_output(
+    directory: str | Path,
+    names: Iterable[str],
+    overwrite: bool = False,
+    need_bytes: int = 0,
+    need_detail: str = "",
+) -> Iterator[Path]:
+    """Yield a hidden staging folder inside ``directory``; on success the entries ``names`` move from it into
+    ``directory``, and nothing else there is touched.
 
-    On an exception the temporary directory is deleted and an existing ``final_path`` is left untouched.
+    The body must write exactly ``names`` (files or folders) into the staging folder. Staging inside the output
+    folder keeps every move on one filesystem, so it also works when ``directory`` is a mount point. Existing
+    outputs of the same names are refused unless ``overwrite``; replaced ones are moved aside into the staging
+    folder and deleted only once every new output is in place (put back if a move fails). On any failure nothing
+    new remains, and folders created for the outputs are removed. An ``OSError`` while writing (full disk,
+    read-only folder, file-size limit) becomes an ``InputError`` naming the path and the cause. ``need_bytes``
+    (an estimate of the outputs' size, described by ``need_detail``) is checked against the free space first.
     """
-    final = prepare_output_dir(final_path, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    names = _check_names(names)
+    directory = prepare_output_dir(directory, names, overwrite)
     try:
+        created = _make_dirs(directory)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot create the output directory: {exc.strerror or exc}") from exc
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    except OSError as exc:
+        _remove_dirs(created)
+        raise InputError(f"{directory}: cannot write the results: {exc.strerror or exc}") from exc
+    aside, set_aside, placed = staging / ".replaced", [], []
+    try:
+        free = shutil.disk_usage(staging).free
+        if need_bytes > free:
+            raise InputError(
+                f"{directory}: not enough free space: {_size(free)} free, the outputs need about {_size(need_bytes)}"
+                + (f" ({need_detail})" if need_detail else "")
+            )
         yield staging
-    except BaseException:
+        written = sorted(p.name for p in staging.iterdir())
+        if written != sorted(names):
+            raise RuntimeError(f"{directory}: the job wrote {written} instead of its declared outputs {sorted(names)}")
+        aside.mkdir()
+        for name in names:
+            if os.path.lexists(directory / name):
+                if not overwrite:  # appeared while the job ran
+                    raise InputError(f"{directory / name}: appeared while the job ran; not replaced")
+                os.rename(directory / name, aside / name)
+                set_aside.append(name)
+            os.rename(staging / name, directory / name)
+            placed.append(name)
+    except BaseException as exc:
+        kept = _roll_back(directory, staging, aside, placed, set_aside)
+        if kept:  # never delete earlier results that could not be put back
+            raise InputError(f"{aside}: could not put back the earlier results {kept}; they are kept here") from exc
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_dirs(created)
+        if isinstance(exc, OSError):
+            error = _cannot_write(exc, directory, staging, names)
+            if error is not None:
+                raise error from exc
         raise
-    if final.is_dir() and any(final.iterdir()):
-        previous = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        final.replace(previous / final.name)
+    shutil.rmtree(staging, ignore_errors=True)  # the replaced outputs
+
+
+def _roll_back(directory: Path, staging: Path, aside: Path, placed: list[str], set_aside: list[str]) -> list[str]:
+    """Undo the moves of a failed hand-over; returns the earlier outputs that could not be put back."""
+    for name in reversed(placed):
         try:
-            staging.replace(final)
+            os.rename(directory / name, staging / name)
         except OSError:
-            (previous / final.name).replace(final)
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        shutil.rmtree(previous)
-    else:
-        staging.replace(final)  # atomic; also replaces an empty directory
+            pass  # it is the new output; the old one below is what matters
+    kept = []
+    for name in set_aside:
+        try:
+            os.rename(aside / name, directory / name)
+        except OSError:
+            kept.append(name)
+    return kept
 
 
-def _series_image(frames: np.ndarray, affine: np.ndarray, fps: float | None) -> nib.Nifti1Image:
-    """``T×H×W`` (or ``T×H×W×3`` uint8) frames as a ``W×H×1×T`` NIfTI view, without copying a memmap."""
+def _remove_dirs(created: list[Path]) -> None:
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            break  # something else appeared there meanwhile: not ours to delete
+
+
+def _series_image(
+    frames: np.ndarray, affine: np.ndarray, fps: float | None, layout: NiftiLayout | None = None
+) -> nib.Nifti1Image:
+    """``T×H×W`` (or ``T×H×W×3`` uint8) frames as a NIfTI view, without copying a memmap.
+
+    With a ``layout`` (a NIfTI input's) the image takes its shape, pixdims, units and qform/sform with their codes,
+    so it overlays on that input in a viewer; ``affine`` and ``fps`` then agree with it already. Without one it is
+    ``W×H×1×T`` with ``affine`` and ``pixdim[4] = 1 / fps`` seconds.
+    """
     if frames.ndim == 4:
         frames = recfunctions.unstructured_to_structured(np.ascontiguousarray(frames, np.uint8), dtype=RGB24)
-    image = nib.Nifti1Image(frames.transpose(2, 1, 0)[:, :, None, :], np.asarray(affine, dtype=float))
-    image.header.set_xyzt_units("mm", "sec" if fps else "unknown")
-    image.header.set_zooms(image.header.get_zooms()[:3] + (1.0 / fps if fps else 1.0,))
+    if layout is None:
+        image = nib.Nifti1Image(frames.transpose(2, 1, 0)[:, :, None, :], np.asarray(affine, dtype=float))
+        image.header.set_xyzt_units("mm", "sec" if fps else "unknown")
+        image.header.set_zooms(image.header.get_zooms()[:3] + (1.0 / fps if fps else 1.0,))
+        return image
+    image = nib.Nifti1Image(frames.transpose(2, 1, 0).reshape(layout.shape), None)  # adds unit axes: still a view
+    header = image.header
+    header.set_qform(layout.qform, layout.qform_code)  # also sets pixdim[1:4] from the matrix: zooms come after
+    header.set_sform(layout.sform, layout.sform_code)
+    header["pixdim"][1 : len(layout.zooms) + 1] = layout.zooms  # as the input had them, unvalidated like its own
+    header.set_xyzt_units(*layout.units)
     return image
 
 
 def write_nifti_series(
-    path: str | Path, frames: np.ndarray, affine: np.ndarray | None = None, fps: float | None = None
+    path: str | Path,
+    frames: np.ndarray,
+    affine: np.ndarray | None = None,
+    fps: float | None = None,
+    layout: NiftiLayout | None = None,
 ) -> Path:
-    """Write ``T×H×W`` grey or ``T×H×W×3`` RGB frames as a NIfTI 2D+t series (the module's axis convention)."""
-    nib.save(_series_image(np.asarray(frames), np.eye(4) if affine is None else affine, fps), str(path))
+    """Write ``T×H×W`` grey or ``T×H×W×3`` RGB frames as a NIfTI series: in ``layout`` when given (a NIfTI
+    input's ``VideoInfo.layout``), else ``W×H×1×T`` (the module's axis convention)."""
+    affine = np.eye(4) if affine is None else affine
+    nib.save(_series_image(np.asarray(frames), affine, fps, layout), str(path))
     return Path(path)
+
+
+def _write_at(handle: int, data: bytes, offset: int) -> None:
+    """``pwrite`` until all of ``data`` is written (a write may be cut short, e.g. at a file-size limit)."""
+    view = memoryview(data)
+    while view:
+        count = os.pwrite(handle, view, offset)
+        view, offset = view[count:], offset + count
+
+
+def _allocate(handle: int, size: int) -> None:
+    """Give a file ``size`` bytes of real disk space, failing now (ENOSPC, EFBIG) rather than on a later write."""
+    try:
+        os.posix_fallocate(handle, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        zeros = bytes(min(size, 1 << 20))  # a filesystem without fallocate: write the zeros
+        for offset in range(0, size, len(zeros)):
+            _write_at(handle, zeros[: size - offset], offset)
+
+
+def allocated_memmap(path: str | Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new uint8 ``np.memmap`` file of ``shape`` whose disk space is allocated up front, so writing through it can
+    never fault on a full disk (a sparse memmap kills the process with SIGBUS there); a full disk raises here."""
+    handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        _allocate(handle, int(np.prod(shape)))
+    except OSError:
+        os.close(handle)
+        os.unlink(path)
+        raise
+    os.close(handle)
+    return np.memmap(path, np.uint8, "r+", shape=shape)
 
 
 class LabelSeriesWriter:
     """Label maps of every frame -> one uint8 NIfTI series with the input's affine and fps.
 
-    Frames are staged in a ``np.memmap`` next to the output, so a long series is never held in RAM. Use as a
-    context manager (an exception discards the series) or call ``close()`` after the last ``write``.
+    Frames are staged in a buffer file next to the output, so a long series is never held in RAM. Its space is
+    allocated up front and frames go in by ordinary writes, so a full disk or a file-size limit raises ``OSError``
+    (naming the series) instead of killing the process with SIGBUS, as a write through a sparse memmap would;
+    ``labels`` reads the buffer back through a read-only memmap. Use as a context manager (an exception discards the
+    series) or call ``close()`` after the last ``write``.
     """
 
     def __init__(self, path: str | Path, info: VideoInfo) -> None:
         self.path, self.info = Path(path), info
         if path_suffix(self.path) not in NIFTI_SUFFIXES:
             raise ValueError(f"{self.path}: a label series is written as .nii or .nii.gz")
-        handle, self.buffer = tempfile.mkstemp(prefix=".", suffix=".labels", dir=self.path.parent)
-        os.close(handle)
-        self.labels = np.memmap(self.buffer, np.uint8, "w+", shape=(info.num_frames, info.height, info.width))
+        shape = (info.num_frames, info.height, info.width)
+        self._handle, self.buffer = tempfile.mkstemp(prefix=".", suffix=".labels", dir=self.path.parent)
+        try:
+            _allocate(self._handle, int(np.prod(shape)))
+            self.labels = np.memmap(self.buffer, np.uint8, "r", shape=shape)
+        except OSError as exc:
+            self._discard()
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self.written = np.zeros(info.num_frames, bool)
 
     def write(self, t: int, labels: np.ndarray) -> None:
@@ -100,7 +278,10 @@ class LabelSeriesWriter:
             raise IndexError(f"{self.path}: frame {t} is outside 0..{len(self.written) - 1}")
         if labels.shape != self.labels.shape[1:]:
             raise ValueError(f"{self.path}: frame {t} labels are {labels.shape}, expected {self.labels.shape[1:]}")
-        self.labels[t] = labels
+        try:
+            _write_at(self._handle, np.ascontiguousarray(labels, np.uint8).tobytes(), t * labels.size)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self.written[t] = True
 
     def close(self) -> None:
@@ -110,7 +291,7 @@ class LabelSeriesWriter:
             missing = np.flatnonzero(~self.written)
             if missing.size:
                 raise ValueError(f"{self.path}: {missing.size} frames were never written, e.g. {missing[:5].tolist()}")
-            image = _series_image(self.labels, self.info.affine, self.info.fps)
+            image = _series_image(self.labels, self.info.affine, self.info.fps, self.info.layout)
             image.header.set_intent("label")
             nib.save(image, str(self.path))
         finally:
@@ -118,6 +299,7 @@ class LabelSeriesWriter:
 
     def _discard(self) -> None:
         self.labels = None
+        os.close(self._handle)
         os.unlink(self.buffer)
 
     def __enter__(self) -> LabelSeriesWriter:

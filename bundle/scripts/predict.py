@@ -1,19 +1,27 @@
 """The inference job: one video and its annotated frame(s) in, a label series (and optional PNGs/overlay) out.
 
-Frames stream from the reader through the propagator into the writers one at a time; outputs are staged and moved
-into place only when everything succeeded, so a failed run leaves nothing half-written.
+Every argument is checked when the job is built, and the output folder and its free space before propagation
+starts, so a bad flag never costs a propagation. Frames stream from the reader through the propagator into the
+writers one at a time; the outputs are staged and moved into place only when everything succeeded, so a failed run
+leaves nothing half-written, and only the job's own output names are ever replaced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scripts.annotations import read_annotations
+from scripts.dicom_seg import SEG_SUFFIX, check_source, is_dicom, parse_labels, write_dicom_seg
+from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
 from scripts.outputs import LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
 from scripts.overlay import write_overlay
-from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, open_video
+from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, VideoInfo, open_video, path_suffix
+
+OVERLAY_FORMATS = ("mp4", "gif")
+ANNOTATION_SUFFIXES = NIFTI_SUFFIXES + (".png",)
+_BLOCK = 4096  # a small file still takes a filesystem block
 
 
 def video_name(path: str | Path) -> str:
@@ -25,8 +33,37 @@ def video_name(path: str | Path) -> str:
     return name
 
 
+def estimate_output_bytes(info: VideoInfo, save_png: bool, overlay_format: str | None) -> int:
+    """A deliberately generous estimate of the disk space a run needs at its peak, so that a full disk is refused
+    before propagation instead of failing after it: the ``T×H×W`` label buffer, the NIfTI beside it (counted as if
+    gzip only halved the labels), PNGs (half a byte per pixel, at least a block each) and the overlay (half a byte
+    per pixel and frame for MP4, a byte for GIF, both far above what the encoders produce on real clips)."""
+    frame, frames = info.height * info.width, info.num_frames
+    need = frames * frame + frames * frame // 2 + _BLOCK
+    if save_png:
+        need += frames * max(frame // 2, _BLOCK) + _BLOCK
+    if overlay_format == "mp4":
+        need += frames * frame // 2 + _BLOCK
+    elif overlay_format == "gif":
+        need += frames * frame + _BLOCK
+    return need
+
+
+def _flag(name: str, value: object) -> bool:
+    try:
+        return as_bool(value)
+    except ValueError as exc:
+        raise InputError(f"--{name}: {exc}") from exc
+
+
 class Prediction:
-    """Propagate `mask` (annotated at `mask_frame`) through `video` and write the results into `output_dir`."""
+    """Propagate `mask` (annotated at `mask_frame`) through `video` and write the results into `output_dir`.
+
+    The job writes exactly ``<name>_seg.nii.gz``, with ``save_png`` the folder ``<name>/`` and with ``save_overlay``
+    ``<name>_overlay.<overlay_format>`` (``<name>`` is the video's name), and with ``save_dicom_seg`` (by default on
+    for a DICOM input) the DICOM SEG ``<name>_seg.dcm`` (`scripts.dicom_seg`, segments named by ``labels``). Other
+    files in ``output_dir`` are never touched; existing outputs of those names are refused unless ``overwrite``.
+    """
 
     def __init__(
         self,
@@ -39,33 +76,125 @@ class Prediction:
         save_overlay: bool | str = False,
         overlay_format: str = "mp4",
         overwrite: bool | str = False,
+        save_dicom_seg: bool | str | None = None,
+        labels: str | Mapping[int, str] | None = None,
     ) -> None:
-        self.video = video
-        self.masks = as_list(mask)
-        self.frames = [int(f) for f in as_list(mask_frame)] or None
-        self.propagator = propagator
-        self.output_dir = output_dir
-        self.save_png = as_bool(save_png)
-        self.save_overlay = as_bool(save_overlay)
-        self.overlay_format = overlay_format
-        self.overwrite = as_bool(overwrite)
+        """Every argument is checked here, so a bad one is refused before any video is opened."""
+        if not str(video or "").strip():
+            raise InputError("--video: give the video to segment")
+        if not str(output_dir or "").strip():
+            raise InputError("--output_dir: give the folder to write the results into")
+        if not callable(getattr(propagator, "propagate", None)):
+            raise TypeError(f"propagator {propagator!r} has no propagate(source, annotations) method")
+        self.video, self.output_dir, self.propagator = Path(str(video)), Path(str(output_dir)), propagator
+        self.masks = [Path(str(m)) for m in as_list(mask)]
+        if not self.masks:
+            raise InputError("--mask: give at least one annotation (a PNG or NIfTI label map)")
+        self.frames = self._frame_indices(mask_frame)
+        self.save_png = _flag("save_png", save_png)
+        self.save_overlay = _flag("save_overlay", save_overlay)
+        self.overwrite = _flag("overwrite", overwrite)
+        self.overlay_format = str(overlay_format).strip().lower().lstrip(".")
+        if self.overlay_format not in OVERLAY_FORMATS:
+            raise InputError(
+                f"--overlay_format: {overlay_format!r} is not supported; use {' or '.join(OVERLAY_FORMATS)}"
+            )
+        self.name = video_name(self.video)
+        self.label_names = parse_labels(labels)
+        self.dicom_source = self._dicom_seg_source(save_dicom_seg)
+        self.save_dicom_seg = self.dicom_source is not None
+        self._check_inputs()
+
+    def _frame_indices(self, mask_frame: int | str | Sequence[int] | None) -> list[int] | None:
+        values = as_list(mask_frame)
+        if not values:
+            return None
+        try:
+            frames = [int(str(f)) for f in values]
+        except ValueError as exc:
+            raise InputError(f"--mask_frame: {mask_frame!r} is not a frame index (or comma-separated indices)") from exc
+        if any(f < 0 for f in frames):
+            raise InputError(f"--mask_frame: {mask_frame!r}: frame indices count from 0")
+        if len(frames) != len(self.masks):
+            raise InputError(
+                f"{self.masks[0]}: {len(self.masks)} annotation files but {len(frames)} annotated frame indices"
+            )
+        return frames
+
+    def _dicom_seg_source(self, save_dicom_seg: bool | str | None) -> list | None:
+        """The DICOM headers the SEG will reference when one is written: when asked, or by default (None) for a
+        DICOM input a SEG can reference; a default-on SEG that cannot be written is only noted, not an error."""
+        if not self.video.exists():
+            return None  # _check_inputs names the missing video
+        if save_dicom_seg is None:
+            if not is_dicom(self.video):
+                return None
+            try:
+                return check_source(self.video)
+            except InputError as exc:
+                print(f"note: no DICOM SEG written: {exc}")
+                return None
+        if not _flag("save_dicom_seg", save_dicom_seg):
+            return None
+        if not is_dicom(self.video):
+            raise InputError(f"--save_dicom_seg: {self.video} is not DICOM; a DICOM SEG references a DICOM source")
+        return check_source(self.video)
+
+    def _check_inputs(self) -> None:
+        """The inputs exist, and no output would replace one of them (refused even with ``overwrite``)."""
+        if not self.video.exists():
+            raise InputError(f"{self.video}: no such file or directory")
+        for mask in self.masks:
+            if not mask.is_file():
+                raise InputError(f"{mask}: no such annotation file")
+            if path_suffix(mask) not in ANNOTATION_SUFFIXES:
+                raise InputError(
+                    f"{mask}: unsupported annotation format {path_suffix(mask)!r}; use .png, .nii or .nii.gz"
+                )
+        inputs = [p.resolve() for p in (self.video, *self.masks)]
+        for name in self.output_names():
+            target = (self.output_dir / name).resolve()
+            for path in inputs:
+                if path == target or target in path.parents:
+                    raise InputError(
+                        f"{self.output_dir / name}: would replace the input {path}; choose another --output_dir"
+                    )
+
+    def output_names(self) -> list[str]:
+        """The names this run writes into the output folder."""
+        names = [f"{self.name}_seg.nii.gz"]
+        if self.save_dicom_seg:
+            names.append(self.name + SEG_SUFFIX)
+        if self.save_png:
+            names.append(self.name)
+        if self.save_overlay:
+            names.append(f"{self.name}_overlay.{self.overlay_format}")
+        return names
 
     def run(self) -> Path:
         """Run the job; returns the label series' path."""
-        prepare_output_dir(self.output_dir, self.overwrite)  # refuse before any work is done
+        names = self.output_names()
+        out = prepare_output_dir(self.output_dir, names, self.overwrite)  # refuse before any work is done
         source = open_video(self.video)
         annotations = read_annotations(self.masks, self.frames, source.info)
-        name = video_name(self.video)
-        with staged_output(self.output_dir, self.overwrite) as staging:
-            with LabelSeriesWriter(staging / f"{name}_seg.nii.gz", source.info) as series:
+        info = source.info
+        need = estimate_output_bytes(info, self.save_png, self.overlay_format if self.save_overlay else None)
+        detail = f"estimated from the {info.num_frames}×{info.height}×{info.width} label buffer and the outputs"
+        with staged_output(out, names, self.overwrite, need_bytes=need, need_detail=detail) as staging:
+            with LabelSeriesWriter(staging / names[0], info) as series:
                 if self.save_png:
-                    (staging / name).mkdir()
+                    (staging / self.name).mkdir()
                 for t, labels in self.propagator.propagate(source, annotations):
                     series.write(t, labels)
                     if self.save_png:
-                        write_png_labels(staging / name, t, labels)
+                        write_png_labels(staging / self.name, t, labels)
                 if self.save_overlay:  # from the writer's on-disk buffer: frames in order, never all in RAM
-                    write_overlay(staging / f"{name}_overlay.{self.overlay_format}", source, series.labels)
-        result = Path(self.output_dir) / f"{name}_seg.nii.gz"
-        print(f"wrote {result}: {len(source)} frames propagated from annotated frame(s) {sorted(annotations)}")
-        return result
+                    write_overlay(staging / names[-1], source, series.labels)
+                if self.save_dicom_seg:
+                    seg = staging / (self.name + SEG_SUFFIX)
+                    write_dicom_seg(seg, self.dicom_source, series.labels, self.label_names)
+        written = [str(out / n) + ("/ (PNG label maps)" if n == self.name else "") for n in names]
+        print(
+            f"wrote {', '.join(written)}: {len(source)} frames propagated from annotated frame(s) {sorted(annotations)}"
+        )
+        return out / names[0]

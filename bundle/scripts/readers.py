@@ -7,9 +7,11 @@ needs frames, while only some read label maps or write results. Conventions (sha
 - A frame is ``H×W×3`` ``uint8`` RGB (grey inputs are repeated to 3 channels).
 - NIfTI axis order: voxel index ``(i, j)`` is (column x, row y), as in ITK and MONAI, so
   ``frame[row, col] = data[col, row, t]`` (a frame is ``data[:, :, t].T``) and the affine maps ``(col, row, 0)`` to
-  world coordinates. Accepted 2D+t layouts: ``W×H×T``, ``W×H×1×T``, ``W×H×T×1``, RGB as ``W×H×T×3`` or the RGB24
-  dtype; series are written as ``W×H×1×T`` with ``pixdim[4] = 1 / fps`` seconds, so a file written by
-  ``scripts.outputs`` reads back to exactly the same frames, affine, spacing and fps.
+  world coordinates. Accepted layouts: ``W×H×T`` (also a 3-D CT/MR volume ``W×H×D``, read slice by slice),
+  ``W×H×1×T``, ``W×H×T×1``, RGB as ``W×H×T×3`` or the RGB24 dtype. ``VideoInfo.layout`` (a ``NiftiLayout``) keeps
+  the input's shape, pixdims, units and qform/sform, so ``scripts.outputs`` writes labels that overlay on the input in
+  a viewer; other inputs' labels are written ``W×H×1×T`` with ``pixdim[4] = 1 / fps`` seconds. Either way a written
+  file reads back to exactly the same frames, affine, spacing and fps.
 - ``VideoInfo.spacing`` is the pixel spacing in (x, y) = (column, row) order, as MONAI's ``pixdim``; ``affine`` is
   identity with unit spacing for frame folders and video files.
 - MP4/AVI are lossy (see ``scripts.overlay.VIDEO_ROUND_TRIP_MAE``); NIfTI, DICOM and PNG round trips are exact.
@@ -18,7 +20,9 @@ needs frames, while only some read label maps or write results. Conventions (sha
 
 from __future__ import annotations
 
+import logging
 import re
+import struct
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +48,24 @@ VIDEO_SUFFIXES = (".mp4", ".avi")
 CACHE_BYTES = 64 * 2**20  # decoded frames kept for random access (video GOPs, NIfTI blocks)
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])  # NIfTI RGB voxels (read here, written by outputs)
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, RuntimeError)  # what decoders raise on bad bytes
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NiftiLayout:
+    """How a NIfTI input stores its frames, so label outputs can be written in the same layout.
+
+    A viewer overlays a label file on its image only if both have the same shape and the same qform/sform (with
+    their codes); the time step or slice spacing of the frame axis lives in the pixdims and units.
+    """
+
+    shape: tuple[int, ...]  # the input's array shape without an RGB channel axis (W×H×T, W×H×1×T, W×H×D, ...)
+    zooms: tuple[float, ...]  # the input's pixdim of each of those axes
+    units: tuple[str, str]  # the input's xyzt units (space, time), nibabel's names
+    qform: np.ndarray  # 4×4, with its qform_code
+    qform_code: int
+    sform: np.ndarray  # 4×4, with its sform_code
+    sform_code: int
 
 
 @dataclass
@@ -58,6 +80,7 @@ class VideoInfo:
     affine: np.ndarray  # 4×4, index (col, row, frame) -> world
     spacing: tuple[float, ...]  # (x, y) pixel spacing
     fps: float | None = None
+    layout: NiftiLayout | None = None  # NIfTI inputs: the layout their label outputs are written in
 
 
 def pixel_info(path: str, kind: str, num_frames: int, height: int, width: int, fps: float | None) -> VideoInfo:
@@ -205,8 +228,27 @@ class NiftiSeries:
             values = recfunctions.structured_to_unstructured(values)
         return np.ascontiguousarray(np.moveaxis(values, 2, 0).swapaxes(1, 2))
 
+    def layout(self) -> NiftiLayout:
+        """The file's shape (less an RGB channel axis), pixdims, units and qform/sform, for writing labels alike."""
+        header = self.image.header
+        shape = tuple(self.image.shape)[:3] if self.channels else tuple(self.image.shape)
+        space, time = header.get_xyzt_units()
+        return NiftiLayout(
+            shape=shape,
+            zooms=tuple(float(z) for z in header["pixdim"][1 : len(shape) + 1]),
+            units=(space, time),
+            qform=header.get_qform(coded=False),
+            qform_code=int(header["qform_code"]),
+            sform=header.get_sform(coded=False),
+            sform_code=int(header["sform_code"]),
+        )
+
     def fps(self) -> float | None:
-        """Frame rate from ``pixdim[4]`` when time is the 4th NIfTI dimension with a time unit."""
+        """Frame rate from ``pixdim[4]`` when time is the 4th NIfTI dimension with a time unit.
+
+        A 3-D file's ``pixdim[3]`` is not read as a frame time even with a time unit: NIfTI gives the 3rd axis a
+        spatial unit, and CT/MR converters set ``sec`` on volumes whose 3rd pixdim is the slice spacing.
+        """
         seconds = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(self.image.header.get_xyzt_units()[1])
         if not self.time_is_dim4 or seconds is None or self.image.header.get_zooms()[3] <= 0:
             return None
@@ -220,7 +262,9 @@ class NiftiSource(VideoSource):
         self.series = s = NiftiSeries(path)
         zooms = s.image.header.get_zooms()
         spacing = (float(zooms[0]), float(zooms[1]))
-        self.info = VideoInfo(str(path), "nifti", s.num_frames, s.height, s.width, s.image.affine, spacing, s.fps())
+        self.info = VideoInfo(
+            str(path), "nifti", s.num_frames, s.height, s.width, s.image.affine, spacing, s.fps(), s.layout()
+        )
         self.window = None
         if not s.exact:  # percentiles of a strided subsample, so opening stays lazy
             frames = np.unique(np.linspace(0, s.num_frames - 1, min(s.num_frames, 8)).round().astype(int))
@@ -255,13 +299,105 @@ class DicomSource(VideoSource):
         self.frames = np.ascontiguousarray(_to_uint8(frames, window))
         if len(self.frames) == 0:
             raise InputError(f"{path}: zero frames")
-        spacing = tuple(float(s) for s in np.asarray(meta.get("spacing", (1.0, 1.0)), dtype=float)[:2])
-        affine = np.asarray(meta["affine"], dtype=float)
+        itk_spacing = np.asarray(meta.get("spacing", (1.0, 1.0)), dtype=float)[:2]
+        spacing = _dicom_spacing(path, meta, (float(itk_spacing[0]), float(itk_spacing[1])))
+        affine = np.asarray(meta["affine"], dtype=float).copy()
+        affine[:3, :2] *= np.asarray(spacing) / itk_spacing  # ITK's columns are direction × its own spacing
         height, width = self.frames.shape[1:3]
         self.info = VideoInfo(str(path), "dicom", len(self.frames), height, width, affine, spacing, _dicom_fps(meta))
 
     def _read(self, t: int) -> np.ndarray:
         return _rgb(self.frames[t])
+
+
+def _pixel_spacing(text: str) -> tuple[float, float] | None:
+    """(x, y) of a DICOM ``row\\column`` spacing value, or None unless it is two positive numbers."""
+    try:
+        row, col = (float(v) for v in text.strip(" \0").split("\\"))
+    except ValueError:
+        return None
+    return (col, row) if row > 0 and col > 0 else None  # DICOM gives the row spacing (y) first
+
+
+def _dicom_spacing(path: Path, meta: dict, itk_spacing: tuple[float, float]) -> tuple[float, float]:
+    """(x, y) pixel spacing in mm, from the first of PixelSpacing (0028,0030), ImagerPixelSpacing (0018,1164), the
+    ultrasound regions' physical deltas, a PixelSpacing inside a sequence (a functional group), the spacing ITK read;
+    else 1.0 with a warning.
+
+    ITK (GDCM) reads PixelSpacing only for some SOP classes and reports 1.0 for e.g. secondary captures, while its
+    metadata dictionary still holds the top-level tags; it holds no sequence items, hence ``_dicom_header``.
+    """
+    for key in ("0028|0030", "0018|1164"):
+        spacing = _pixel_spacing(str(meta.get(key, "")))
+        if spacing is not None:
+            return spacing
+    file = path if path.is_file() else min((p for p in path.iterdir() if p.suffix.lower() == ".dcm"), key=natural_key)
+    header = _dicom_header(file)
+    spacing = _ultrasound_spacing(header) or _nested_pixel_spacing(header)
+    if spacing is not None:
+        return spacing
+    if itk_spacing != (1.0, 1.0):
+        return itk_spacing
+    logger.warning(
+        f"{path}: no pixel spacing found (PixelSpacing, ImagerPixelSpacing or ultrasound regions); 1.0 mm assumed"
+    )
+    return 1.0, 1.0
+
+
+# little-endian tag bytes: PhysicalUnitsX/YDirection, PhysicalDeltaX/Y of an ultrasound region, PixelSpacing, pixels
+US_UNIT_TAGS = (struct.pack("<HH", 0x0018, 0x6024), struct.pack("<HH", 0x0018, 0x6026))
+US_DELTA_TAGS = (struct.pack("<HH", 0x0018, 0x602C), struct.pack("<HH", 0x0018, 0x602E))
+PIXEL_SPACING_TAG = struct.pack("<HH", 0x0028, 0x0030)
+PIXEL_DATA_TAG = struct.pack("<HH", 0x7FE0, 0x0010)
+
+
+def _dicom_header(file: Path) -> bytes:
+    """The bytes of a DICOM file before its pixel data, where sequence items are found by their little-endian tag
+    and length bytes (explicit or implicit VR): neither ITK's metadata dictionary nor MONAI exposes them."""
+    header = b""
+    try:
+        with open(file, "rb") as f:
+            while PIXEL_DATA_TAG not in header and (chunk := f.read(2**20)):
+                header += chunk
+    except OSError:
+        return b""
+    return header.split(PIXEL_DATA_TAG)[0]
+
+
+def _fixed_values(header: bytes, tag: bytes, vr: bytes, fmt: str) -> list:
+    """Values of every element ``tag`` of fixed size ``fmt`` in ``header``, in file order."""
+    size = struct.calcsize(fmt)
+    found = []
+    for prefix in (tag + vr + struct.pack("<H", size), tag + struct.pack("<I", size)):
+        start = header.find(prefix)
+        while 0 <= start <= len(header) - len(prefix) - size:
+            found.append((start, struct.unpack_from(fmt, header, start + len(prefix))[0]))
+            start = header.find(prefix, start + 1)
+    return [v for _, v in sorted(found)]
+
+
+def _ultrasound_spacing(header: bytes) -> tuple[float, float] | None:
+    """(x, y) mm spacing of the first ultrasound region (0018,6011) measured in cm in both directions, or None."""
+    units = [_fixed_values(header, tag, b"US", "<H") for tag in US_UNIT_TAGS]
+    deltas = [_fixed_values(header, tag, b"FD", "<d") for tag in US_DELTA_TAGS]
+    for unit_x, unit_y, dx, dy in zip(*units, *deltas):
+        if unit_x == unit_y == 3 and dx > 0 and dy > 0:  # 3: cm
+            return 10.0 * dx, 10.0 * dy
+    return None
+
+
+def _nested_pixel_spacing(header: bytes) -> tuple[float, float] | None:
+    """(x, y) of the first PixelSpacing anywhere in the header, e.g. a functional group's Pixel Measures, or None."""
+    start = header.find(PIXEL_SPACING_TAG)
+    while 0 <= start <= len(header) - 8:
+        explicit = header[start + 4 : start + 6] == b"DS"
+        size = struct.unpack_from("<H" if explicit else "<I", header, start + 6 if explicit else start + 4)[0]
+        if 0 < size <= 64:
+            spacing = _pixel_spacing(header[start + 8 : start + 8 + size].decode("ascii", "replace"))
+            if spacing is not None:
+                return spacing
+        start = header.find(PIXEL_SPACING_TAG, start + 1)
+    return None
 
 
 def _dicom_fps(meta: dict) -> float | None:

@@ -130,10 +130,10 @@ def write_echo_dataset(
     root: str | Path, num_sequences: int = 4, num_frames: int = 48, height: int = 256, width: int = 256, seed: int = 0
 ) -> Path:
     """Write a synthetic DAVIS-layout dataset: ``JPEGImages/echoNN/NNNNN.jpg``, ``Annotations/echoNN/NNNNN.png``
-    and ``meta.json``. Sequence ``i`` uses seed ``1000 * seed + i``. ``root`` appears only once complete, so an
-    interrupted run is never mistaken for a dataset; a non-empty ``root`` is refused."""
+    and ``meta.json``. Sequence ``i`` uses seed ``1000 * seed + i``. They appear only once complete, so an
+    interrupted run is never mistaken for a dataset; a ``root`` already holding one of them is refused."""
     sequences = {}
-    with staged_output(root) as staging:
+    with staged_output(root, ("JPEGImages", "Annotations", "meta.json")) as staging:
         for i in range(num_sequences):
             name, sequence_seed = f"echo{i:02d}", 1000 * seed + i
             params = echo_params(sequence_seed)

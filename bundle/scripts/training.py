@@ -8,6 +8,7 @@ is what is run. `ClipPropagation` is the module DDP wraps; `TrainingStep` is the
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -25,20 +26,32 @@ from scripts.losses import TemporalContrastiveLoss, pool_embeddings
 from scripts.network import TCMN
 from scripts.overlay import overlay
 
+logger = logging.getLogger(__name__)
+
 
 class ClipPropagation(torch.nn.Module):
     """The module DDP wraps: `TCMN.propagate_clip` as its `forward` (DDP only synchronises gradients of work done
-    inside `forward`)."""
+    inside `forward`), with the memory write schedule of inference (`mem_every`, `mem_size`; see
+    `memory.clip_memory_frames`)."""
 
-    def __init__(self, network: TCMN) -> None:
+    def __init__(self, network: TCMN, mem_every: int = 1, mem_size: int | None = None) -> None:
         super().__init__()
+        if mem_every < 1 or (mem_size is not None and mem_size < 0):
+            raise ValueError(f"need mem_every >= 1 and mem_size >= 0, got {mem_every}, {mem_size}")
         self.network = network
+        self.mem_every, self.mem_size = mem_every, mem_size
 
     def forward(
-        self, image: torch.Tensor, masks0: torch.Tensor, valid: torch.Tensor, last_value: bool = True
+        self,
+        image: torch.Tensor,
+        masks0: torch.Tensor,
+        valid: torch.Tensor,
+        last_value: bool = True,
+        frame_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K → logits B×(T−1)×(K+1)×H×W, values B×T×K×Cv×h×w."""
-        return self.network.propagate_clip(image, masks0, valid, last_value)
+        """image B×T×3×H×W, masks0 B×K×H×W, valid B×K, frame_index B×T → logits B×(T−1)×(K+1)×H×W, values
+        B×T×K×Cv×h×w."""
+        return self.network.propagate_clip(image, masks0, valid, last_value, frame_index, self.mem_every, self.mem_size)
 
 
 def object_masks(label: torch.Tensor, num_objects: int) -> torch.Tensor:
@@ -77,11 +90,12 @@ class TrainingStep:
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        logits, values = engine.network(image, masks[:, 0], valid, self.use_contrastive)
+        frame_index = batch["frame_index"].to(device)
+        logits, values = engine.network(image, masks[:, 0], valid, self.use_contrastive, frame_index)
         seg = torch.stack([engine.loss_function(logits[:, i], label[:, i + 1]) for i in range(logits.shape[1])]).mean()
         if self.use_contrastive:
             embeddings = pool_embeddings(values, masks)
-            contrastive = self.contrastive_loss(embeddings, batch["frame_index"].to(device), valid)
+            contrastive = self.contrastive_loss(embeddings, frame_index, valid)
         else:
             contrastive = torch.zeros((), device=device)
         loss = seg + self.contrastive_weight * contrastive
@@ -161,9 +175,36 @@ class BestModelSaver(CheckpointSaver):
         return self._key_metric_checkpoint.state_dict()
 
 
+class ClipLengthCurriculum:
+    """Set the clip dataset's `num_frames` at each epoch start, linear from `start` to `end` over the run's epochs.
+
+    Short clips first teach one-step propagation cheaply; longer ones later let the memory hold several predicted
+    frames and the object disappear and come back, as in a video. Follows the engine's `max_epochs` (and so a
+    `TimeBudget`); every item of an epoch has the same length, so batches collate.
+    """
+
+    def __init__(self, dataset, start: int, end: int) -> None:
+        if not 2 <= start <= end:
+            raise ValueError(f"need 2 <= start <= end clip frames, got {start}, {end}")
+        self.dataset, self.start, self.end = dataset, start, end
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        progress = (engine.state.epoch - 1) / max(engine.state.max_epochs - 1, 1)
+        self.dataset.num_frames = round(self.start + (self.end - self.start) * min(progress, 1.0))
+
+
 def latest_checkpoint(directory: str | Path) -> str:
-    """Newest `checkpoint_*.pt` in a run directory (by modification time), or '' when there is none."""
+    """Newest `checkpoint_*.pt` in a run directory (by modification time), or '' when there is none.
+
+    Called for `--resume true` only, so finding none is worth a warning: the run then starts from scratch, which a
+    mistyped `--output_dir` would otherwise make look like a resumed run.
+    """
     paths = sorted(Path(directory).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        logger.warning(f"--resume true: no checkpoint_*.pt in {directory}, training starts from scratch")
     return str(paths[-1]) if paths else ""
 
 

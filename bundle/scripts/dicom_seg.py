@@ -1,0 +1,170 @@
+"""DICOM Segmentation output for DICOM inputs, so PACS and DICOM viewers receive the labels beside the source series.
+
+The SEG is written with ``highdicom`` as one multi-frame BINARY Segmentation: one segment per label value of the
+result, named from a ``--labels`` map (``1=vocal folds,2=glottis``) or ``label_<n>``, each frame referencing its
+source frame (study, series and SOP instance UIDs, frame of reference, pixel spacing and plane positions, which
+highdicom copies from the source). highdicom places segmentation frames in space, so the source frames must have a
+frame of reference and distinct plane positions (a series of slices, or an enhanced multi-frame object); a cine
+acquired in one plane, or one without a frame of reference, cannot be referenced that way and is refused with the
+reason (`seg_source_problem`). The source's own headers are read with ``pydicom``; its pixels are never read here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from scripts.errors import InputError
+from scripts.readers import READ_ERRORS
+
+SEG_SUFFIX = "_seg.dcm"
+_METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A ``.dcm`` file or a folder holding one, as `scripts.readers.open_video` decides."""
+    path = Path(path)
+    if path.is_dir():
+        return any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+    return path.suffix.lower() == ".dcm"
+
+
+def parse_labels(value: str | Mapping | None) -> dict[int, str]:
+    """``--labels``: ``1=vocal folds,2=glottis`` (or a mapping) → {label value: segment name}."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    items = value.items() if isinstance(value, Mapping) else (p.partition("=")[::2] for p in str(value).split(","))
+    names = {}
+    for key, name in items:
+        try:
+            label = int(str(key).strip())
+        except ValueError:
+            label = -1
+        if not 1 <= label <= 255 or not str(name).strip():
+            raise InputError(f"--labels: {value!r}: write the names as 1=NAME,2=NAME (label values 1..255)")
+        names[label] = str(name).strip()
+    return names
+
+
+def read_source(path: str | Path) -> list:
+    """The source's DICOM headers (no pixels), in the order the reader gives its frames: a series' files sorted
+    along the slice normal (as ITK's series reader does), a multi-frame file as it is."""
+    import pydicom
+
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm") if path.is_dir() else [path]
+    datasets = []
+    for file in files:
+        try:
+            datasets.append(pydicom.dcmread(file, stop_before_pixels=True))
+        except (pydicom.errors.InvalidDicomError, *READ_ERRORS) as exc:
+            raise InputError(f"{file}: unreadable DICOM ({exc})") from exc
+    if len(datasets) > 1:
+        datasets.sort(key=_position_along_normal)
+    return datasets
+
+
+def _position_along_normal(ds) -> float:
+    try:
+        orientation = np.asarray(ds.ImageOrientationPatient, float)
+        return float(np.cross(orientation[:3], orientation[3:]) @ np.asarray(ds.ImagePositionPatient, float))
+    except (AttributeError, ValueError, TypeError):
+        return float(getattr(ds, "InstanceNumber", 0) or 0)
+
+
+def _positions(datasets: list) -> list[tuple] | None:
+    """Each frame's ImagePositionPatient (per-frame functional groups of a multi-frame file), or None if missing."""
+    if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
+        try:
+            groups = datasets[0].PerFrameFunctionalGroupsSequence
+            return [tuple(float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient) for g in groups]
+        except (AttributeError, IndexError):
+            return None
+    try:
+        return [tuple(float(v) for v in ds.ImagePositionPatient) for ds in datasets]
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+def seg_source_problem(datasets: list) -> str | None:
+    """Why a DICOM SEG cannot reference these frames (highdicom needs a frame of reference and distinct plane
+    positions), or None."""
+    first = datasets[0]
+    if "FrameOfReferenceUID" not in first:
+        return "the source has no FrameOfReferenceUID"
+    positions = _positions(datasets)
+    if positions is None:
+        return "the source frames have no plane positions (ImagePositionPatient)"
+    if len(set(positions)) != len(positions):
+        return "the source frames share a plane position (a cine in one plane), which highdicom cannot reference"
+    return None
+
+
+def check_source(path: str | Path) -> list:
+    """The source headers, or an `InputError` naming the source and why no SEG can reference it."""
+    datasets = read_source(path)
+    problem = seg_source_problem(datasets)
+    if problem is not None:
+        raise InputError(f"{path}: cannot write a DICOM SEG: {problem}")
+    return datasets
+
+
+def _version() -> str:
+    try:
+        return str(json.loads(_METADATA.read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def write_dicom_seg(
+    path: str | Path, source: str | Path | list, labels: np.ndarray, names: Mapping[int, str] | None = None
+) -> Path:
+    """Write ``T×H×W`` uint8 ``labels`` (frame t of the source's frame t) as a DICOM SEG at ``path``; ``source`` is
+    the DICOM input (file or series folder) or its headers from `check_source`."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    datasets = check_source(source) if isinstance(source, (str, Path)) else source
+    frames = int(getattr(datasets[0], "NumberOfFrames", 1) or 1) if len(datasets) == 1 else len(datasets)
+    rows, columns = int(datasets[0].Rows), int(datasets[0].Columns)
+    if labels.shape != (frames, rows, columns):
+        raise ValueError(f"{path}: labels are {labels.shape} (T×H×W) but the source has {frames}×{rows}×{columns}")
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    if not values:
+        raise ValueError(f"{path}: the labels hold no segment")
+    names = names or {}
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="TCMN", version=_version(), family=codes.cid7162.ArtificialIntelligence
+    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=names.get(value, f"label_{value}"),
+            segmented_property_category=codes.cid7150.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, value in enumerate(values, 1)
+    ]
+    masks = np.stack([np.asarray(labels) == value for value in values], axis=-1)  # T×H×W×segments
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="TCMN MONAI bundle",
+        manufacturer_model_name="TCMN",
+        software_versions=_version(),
+        device_serial_number="none",
+        series_description="TCMN propagated labels",
+    )
+    seg.save_as(str(path))
+    return Path(path)
