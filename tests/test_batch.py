@@ -99,6 +99,7 @@ def test_datalists_and_davis_folders_are_read(tmp_path: Path) -> None:
             {"testing": [{"image": "x/clip", "label": "m.png"}, {"image": "y/clip", "label": "m.png"}]},
             "clip",
         ),
+        "slash.json": ({"testing": [{"image": "clip", "label": "m.png", "name": "a/b"}]}, "cannot name"),
         "frame.json": ({"testing": [{"image": "clip", "label": "m.png", "mask_frame": "first"}]}, '"mask_frame"'),
     }
     for name, (content, phrase) in bad.items():
@@ -120,8 +121,10 @@ def test_shares_cover_the_list_once() -> None:
 
 
 def outputs_of(directory: Path) -> dict[str, float]:
-    """Every file below `directory` and its modification time."""
-    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file below `directory` and its modification time, hidden staging folders left out (a kill may leave one
+    beside finished outputs, and the rerun clears it)."""
+    files = (p for p in sorted(directory.rglob("*")) if p.is_file())
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in files if STAGING_PREFIX not in str(p)}
 
 
 def test_batch_isolates_failures_and_resumes_from_disk(tmp_path: Path) -> None:
@@ -196,7 +199,7 @@ def dicom_series(directory: Path, frames: np.ndarray, same_plane: bool = False) 
     return uids
 
 
-def test_dicom_seg_matches_the_nifti_and_references_the_source(tmp_path: Path, echo_clip) -> None:
+def test_dicom_seg_matches_the_nifti_and_references_the_source(tmp_path: Path, echo_clip, clip_files) -> None:
     """A DICOM series in gives `<name>_seg.dcm` by default: one segment per label named from `labels` (else
     `label_<n>`), per-frame masks equal to the NIfTI result, references to the source's study, series, instances,
     frame of reference and pixel spacing. A same-plane cine gets no SEG by default (noted) and is refused when
@@ -229,6 +232,17 @@ def test_dicom_seg_matches_the_nifti_and_references_the_source(tmp_path: Path, e
     np.testing.assert_array_equal(masks[..., 0], nifti == 1)
     np.testing.assert_array_equal(masks[..., 1], nifti == 3)
     np.testing.assert_array_equal(nifti[0], labels[0])
+
+    multiframe = Prediction(str(clip_files["dicom"]), str(tmp_path / "mask.png"), CopyFirstFrame(), str(out / "mf"))
+    multiframe.run()  # ITK's multi-frame file: per-frame plane positions in functional groups
+    seg = hd.seg.segread(out / "mf" / "clip_seg.dcm")
+    source = pydicom.dcmread(clip_files["dicom"], stop_before_pixels=True)
+    masks = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=source.SOPInstanceUID,
+        source_frame_numbers=list(range(1, len(frames) + 1)),
+        combine_segments=False,
+    )
+    np.testing.assert_array_equal(masks[..., 0], series(out / "mf" / "clip_seg.nii.gz") == 1)
 
     dicom_series(tmp_path / "cine", frames[..., 0], same_plane=True)
     cine = Prediction(str(tmp_path / "cine"), str(tmp_path / "mask.png"), CopyFirstFrame(), str(tmp_path / "c"))
@@ -398,3 +412,45 @@ def test_evaluation_over_two_ranks_equals_one_process(tmp_path: Path, checkpoint
         "pred",
     ]
     no_leftovers(tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_dicom_seg_and_flags_through_the_command_line(tmp_path: Path, checkpoint: Path, echo_clip) -> None:
+    """`run inference` on a DICOM series writes the SEG by default with `--labels` names; `batch_inference --help`
+    lists its flags and a mistyped one is refused naming the closest."""
+    frames, labels = echo_clip
+    Image.fromarray(labels[0]).save(tmp_path / "mask.png")
+    dicom_series(tmp_path / "series", frames[..., 0])
+    datalist = write_datalist(tmp_path / "list", 1)
+    common = dict(ckpt_path=checkpoint, device="cpu", size=48)
+    results = run_all(
+        {
+            "dicom": bundle_command(
+                "inference",
+                "inference.json",
+                video=tmp_path / "series",
+                mask=tmp_path / "mask.png",
+                output_dir=tmp_path / "out",
+                labels="1=left ventricle,2=myocardium",
+                progress="false",
+                **common,
+            ),
+            "help": bundle_command("batch_inference", "batch_inference.json", datalist=datalist, **common) + ["--help"],
+            "typo": bundle_command(
+                "batch_inference", "batch_inference.json", datalist=datalist, output_dir=tmp_path / "o", save_seg=1
+            ),
+        }
+    )
+    succeeded(results["dicom"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["series_seg.dcm", "series_seg.nii.gz"]
+    assert str(tmp_path / "out" / "series_seg.dcm") in results["dicom"].stdout.strip().splitlines()[-1]
+    seg = pydicom.dcmread(tmp_path / "out" / "series_seg.dcm")
+    names = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    present = [int(v) for v in np.unique(series(tmp_path / "out" / "series_seg.nii.gz")) if v]
+    assert names == {k: {1: "left ventricle", 2: "myocardium"}[v] for k, v in enumerate(present, 1)}
+    succeeded(results["help"])
+    flags = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "batch_inference.json").read_text())["flags"]
+    for name in flags:
+        assert f"--{name} " in results["help"].stdout, name
+    refused(results["typo"], "--save_seg", "did you mean --save_png?")
+    assert not (tmp_path / "o").exists()

@@ -53,6 +53,9 @@ def read_datalist(path: str | Path) -> list[Video]:
     if not videos:
         raise InputError(f"{path}: lists no video")
     names = [v.name for v in videos]
+    for name in names:
+        if name in (".", "..", REPORT) or Path(name).name != name:
+            raise InputError(f'{path}: {name!r} cannot name a video\'s output folder; give the entry another "name"')
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise InputError(

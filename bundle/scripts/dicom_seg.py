@@ -151,7 +151,36 @@ def write_dicom_seg(
         for number, value in enumerate(values, 1)
     ]
     masks = np.stack([np.asarray(labels) == value for value in values], axis=-1)  # T×H×W×segments
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(hd, datasets, masks, segments)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # what highdicom raises on headers it cannot use
+        where = Path(str(getattr(datasets[0], "filename", "") or "the DICOM source"))
+        where = where.parent if len(datasets) > 1 else where
+        raise InputError(
+            f"{where}: cannot write a DICOM SEG referencing it ({exc}); --save_dicom_seg false skips the SEG"
+        ) from exc
+    _add_slice_thickness(seg, datasets)
+    seg.save_as(str(path))
+    return Path(path)
+
+
+def _add_slice_thickness(seg, datasets: list) -> None:
+    """Give the SEG's Pixel Measures a SliceThickness where the source had none (ITK's multi-frame files): highdicom
+    copies the source's measures as they are, yet needs the thickness to read the SEG back. It is the source's
+    SpacingBetweenSlices, else the distance between its planes, else 1 mm."""
+    measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
+    if not measures or measures[0].get("SliceThickness"):
+        return
+    thickness = measures[0].get("SpacingBetweenSlices")
+    if not thickness:
+        positions = np.asarray(_positions(datasets) or [], float)
+        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1) if len(positions) > 1 else np.zeros(0)
+        thickness = float(np.median(steps)) if steps.size and np.median(steps) > 0 else 1.0
+    measures[0].SliceThickness = float(thickness)
+
+
+def _segmentation(hd, datasets: list, masks: np.ndarray, segments: list):
+    return hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -166,5 +195,3 @@ def write_dicom_seg(
         device_serial_number="none",
         series_description="TCMN propagated labels",
     )
-    seg.save_as(str(path))
-    return Path(path)
