@@ -10,6 +10,7 @@ the `memory` factory the config declares, so the eviction rule is the bank's bus
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -177,8 +178,20 @@ class PropagationInferer(Inferer):
         annotated frames and a full working memory: every memory position meets every query position."""
         h, w = short_side_shape(height, width, size) if size else (height, width)
         positions = math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE)
-        frames = pinned + getattr(self.memory(), "mem_size", 0)
-        return frames * positions * positions * READ_BYTES_PER_PAIR
+        return (pinned + self.capacity()) * positions * positions * READ_BYTES_PER_PAIR
+
+    def capacity(self) -> int:
+        """The working-memory frames a bank of `memory` holds: its `mem_size`, read off the factory's signature (a
+        class or a `functools.partial`, as configs declare it) so that no bank is made just to ask."""
+        default = getattr(self.memory, "keywords", {}).get("mem_size", inspect.Parameter.empty)  # a partial's own
+        if default is inspect.Parameter.empty:
+            try:
+                default = inspect.signature(self.memory).parameters["mem_size"].default
+            except (KeyError, TypeError, ValueError):
+                pass
+        if isinstance(default, int):
+            return default
+        return int(getattr(self.memory(), "mem_size", 0))
 
     def fitted_size(self, height: int, width: int, pinned: int, budget: int) -> int | None:
         """The short side to run H×W frames at so that one memory read fits in `budget` bytes: the inferer's own
@@ -255,22 +268,24 @@ class ModelPropagator:
             frame = np.require(source[t], np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
             return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
 
-        for t, prob in self.inferer.propagate(
-            self.network, get_frame, len(source), dense, self.fit(source.info, dense)
-        ):
+        size = self.fit(source, len(dense))
+        for t, prob in self.inferer.propagate(self.network, get_frame, len(source), dense, size):
             yield t, to_values[prob.argmax(0).cpu().numpy()]
 
-    def fit(self, info, annotations: Mapping[int, torch.Tensor]) -> int | None:
+    def fit(self, source, pinned: int) -> int | None:
         """The network size for this video: the inferer's, unless one memory read would need more than half of the
         memory available; then the largest that fits, said in one warning line (labels stay at the frame size)."""
         inferer = self.inferer
+        info = getattr(source, "info", None)  # a VideoSource; any other frame sequence is sized by its first frame
+        height, width = (info.height, info.width) if info is not None else np.shape(source[0])[:2]
         budget = available_memory(inferer.device) // 2
-        size = inferer.fitted_size(info.height, info.width, len(annotations), budget)
+        size = inferer.fitted_size(height, width, pinned, budget)
         if size != inferer.size:
-            need = inferer.read_bytes(info.height, info.width, len(annotations), inferer.size)
+            need = inferer.read_bytes(height, width, pinned, inferer.size)
             logger.warning(
-                f"{info.path}: {info.width}×{info.height} frames need about {need / 2**30:.1f} GiB for one memory "
-                f"read at {'full size' if inferer.size is None else f'--size {inferer.size}'}, more than half of the "
+                f"{info.path if info is not None else 'video'}: {width}×{height} frames need about "
+                f"{need / 2**30:.1f} GiB for one memory read at "
+                f"{'full size' if inferer.size is None else f'--size {inferer.size}'}, more than half of the "
                 f"{2 * budget / 2**30:.1f} GiB available; running the network at --size {size} (short side), labels "
                 "are still written at the frame size"
             )
