@@ -97,3 +97,16 @@ def tmpfs(tmp_path: Path):
     yield mount
     for point in reversed(mounted):
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights of a freshly initialised, seeded lite TCMN, for tests of contracts rather than accuracy (CLI, batch)."""
+    import torch
+
+    from scripts.network import TCMN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(TCMN("lite", pretrained=False).state_dict(), path)
+    return path

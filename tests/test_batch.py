@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -30,7 +29,6 @@ from scripts.baselines import CopyFirstFrame
 from scripts.batch import REPORT, BatchPrediction, read_datalist
 from scripts.distributed import share
 from scripts.errors import InputError
-from scripts.network import TCMN
 from scripts.outputs import STAGING_PREFIX
 from scripts.predict import Prediction
 from scripts.synthetic import SyntheticEchoSource
@@ -60,15 +58,6 @@ def write_datalist(root: Path, count: int, corrupt: str | None = None) -> Path:
         entries.insert(2, {"image": f"{corrupt}.mp4", "label": "clip0.png"})
     path = root / "datalist.json"
     path.write_text(json.dumps({"testing": entries}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Weights of a seeded, untrained lite TCMN."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(TCMN("lite", pretrained=False).state_dict(), path)
     return path
 
 

@@ -25,7 +25,6 @@ from conftest import AFFINE, REPO, SAMPLE, SAMPLE_SEQUENCE
 from PIL import Image
 
 from scripts.annotations import read_label_series
-from scripts.network import TCMN
 from scripts.readers import open_video
 
 CONFIGS = REPO / "bundle" / "configs"
@@ -97,15 +96,6 @@ def no_leftovers(directory: Path) -> None:
 def series(path: Path) -> np.ndarray:
     """T×H×W labels of a written series."""
     return read_label_series(path)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Weights of a freshly initialised, seeded lite TCMN (no trained weights are needed to check the contracts)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(TCMN("lite", pretrained=False).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
