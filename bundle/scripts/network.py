@@ -47,7 +47,6 @@ LITE_BLOCKS = {
         "r1_k3_s11_e6_i208_o352",
     ],
 }
-LITE0_BLOCKS = LITE_BLOCKS["lite0"]
 VARIANTS = {
     "lite": {"key_dim": 64, "value_dim": 96, "decoder_widths": (64, 32, 16), "backbone": "lite0"},
     "base": {"key_dim": 64, "value_dim": 128, "decoder_widths": (96, 48, 24), "backbone": "lite2"},
