@@ -186,6 +186,61 @@ def test_sparse_top_k_readout_equals_masked_softmax() -> None:
     torch.testing.assert_close(memory.read(mk, mv, q, top_k=4), expected)
 
 
+def test_top_k_read_leaves_masked_positions_out() -> None:
+    """Training's `mem_mask` holds for the sparse read too: a masked position is never chosen."""
+    torch.manual_seed(4)
+    mk, q, mv = torch.randn(2, 8, 30), torch.randn(2, 8, 5), torch.randn(2, 1, 3, 30)
+    mask = torch.rand(2, 30) > 0.5
+    out = memory.read(mk, mv, q, top_k=3, mem_mask=mask)
+    for b in range(2):
+        kept = mask[b].nonzero()[:, 0]
+        expected = memory.read(mk[b : b + 1, :, kept], mv[b : b + 1, ..., kept], q[b : b + 1], top_k=3)
+        torch.testing.assert_close(out[b : b + 1], expected)
+
+
+def _trained_like_memory(n_frames: int, positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys as a trained key encoder gives them: large norms around a shared component, each query close to a few
+    memory positions (here its own position in frames 0-2) that share its weight, and far from the rest; 2 objects'
+    values."""
+    torch.manual_seed(5)
+    keys = 30 + 3 * torch.randn(1, 64, n_frames, positions)
+    keys[:, :, 1:3] = keys[:, :, :1] + 0.3 * torch.randn(1, 64, 2, positions)
+    values = torch.randn(1, 2, 16, n_frames, positions)
+    query = keys[:, :, 0] + 0.3 * torch.randn(1, 64, positions)
+    return keys, values, query
+
+
+def test_memory_bank_top_k_read_is_the_exact_sparse_read() -> None:
+    """With float32 selection the bank's cached layout reads exactly what `read` computes from scratch."""
+    keys, values, query = _trained_like_memory(3, 24)
+    bank = memory.MemoryBank(mem_size=4, top_k=5, select_precision="float32")
+    for t in range(3):
+        bank.write(keys[:, :, t].reshape(1, 64, 4, 6), values[:, :, :, t].reshape(1, 2, 16, 4, 6), pinned=t == 0)
+    out = bank.read(query.reshape(1, 64, 4, 6))
+    expected = memory.read(keys.flatten(2), values.flatten(3), query, top_k=5)
+    torch.testing.assert_close(out.flatten(3), expected)
+
+
+def test_bfloat16_selection_reads_what_float32_selection_reads() -> None:
+    """The reduced-precision candidate pass may swap positions near the k-th, not change the readout: the keys are
+    centred before rounding and the chosen affinities are recomputed in float32. (On these keys a read computed in
+    bfloat16 throughout is visibly wrong, which the first assertion checks, so the test can tell the two apart.)"""
+    keys, values, query = _trained_like_memory(9, 96)
+    exact = memory.read(keys.flatten(2), values.flatten(3), query, top_k=30)
+    rounded = memory.read(keys.flatten(2).bfloat16().float(), values.flatten(3), query.bfloat16().float(), top_k=30)
+    assert (rounded - exact).abs().max() > 0.05
+    reads = {}
+    for precision in ("float32", "bfloat16"):
+        bank = memory.MemoryBank(mem_size=8, top_k=30, select_precision=precision)
+        for t in range(9):
+            bank.write(keys[:, :, t].reshape(1, 64, 8, 12), values[:, :, :, t].reshape(1, 2, 16, 8, 12), t == 0)
+        reads[precision] = bank.read(query.reshape(1, 64, 8, 12))
+    torch.testing.assert_close(reads["float32"].flatten(3), exact)
+    torch.testing.assert_close(reads["bfloat16"], reads["float32"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="select_precision"):
+        memory.MemoryBank(select_precision="int8")
+
+
 def _training_checkpoint(net: TCMN, directory: Path) -> Path:
     """``checkpoint_final.pt`` as train.json writes it: MONAI's `CheckpointSaver` over the same five entries."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)

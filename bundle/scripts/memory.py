@@ -55,24 +55,86 @@ def read(
 ) -> torch.Tensor:
     """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M.
 
-    With top_k < N only the k best memory positions of each query take part, gathered and summed, so the readout
-    costs k·M instead of N·M value reads. Without top_k (training, where gradients need every position) or when
-    k covers the memory, the read is the dense softmax. `mem_mask` (B×N, training) leaves out the positions of
-    frames that are not in a sample's memory (see `clip_memory_frames`); `mem_sq` see `affinity`.
+    With top_k < N only the k best memory positions of each query take part (`read_top_k`), so the readout costs
+    k·M instead of N·M value reads. Without top_k (training, where gradients need every position) or when k covers
+    the memory, the read is the dense softmax. `mem_mask` (B×N, training) leaves out the positions of frames that
+    are not in a sample's memory (see `clip_memory_frames`); `mem_sq` see `affinity`.
     """
-    aff = affinity(mem_key, query_key, mem_sq=mem_sq)  # B×N×M
-    if mem_mask is not None:
-        aff = aff.masked_fill(~mem_mask[:, :, None], float("-inf"))
     b, k, cv, n = mem_value.shape
     values = mem_value.reshape(b, k * cv, n)
     if top_k is None or top_k >= n:
+        aff = affinity(mem_key, query_key, mem_sq=mem_sq)  # B×N×M
+        if mem_mask is not None:
+            aff = aff.masked_fill(~mem_mask[:, :, None], float("-inf"))
         return (values @ softmax_weights(aff)).reshape(b, k, cv, -1)
-    top, indices = torch.topk(aff, k=top_k, dim=1)  # B×k×M
-    weights = torch.softmax(top - top[:, :1], dim=1)
-    m = indices.shape[2]
-    gathered = torch.gather(values.transpose(1, 2), 1, indices.reshape(b, -1, 1).expand(-1, -1, k * cv))
-    out = (gathered.reshape(b, top_k, m, k * cv) * weights[..., None]).sum(1)  # B×M×(K·Cv)
-    return out.transpose(1, 2).reshape(b, k, cv, m)
+    keys_t = mem_key.float().transpose(1, 2).contiguous()
+    sq = squared_norms(mem_key)[..., 0] if mem_sq is None else mem_sq[..., 0]
+    if mem_mask is not None:
+        sq = sq.masked_fill(~mem_mask, float("inf"))
+    out = read_top_k(keys_t, values.transpose(1, 2).contiguous(), sq, query_key, top_k)
+    return out.transpose(1, 2).reshape(b, k, cv, -1)
+
+
+def read_top_k(
+    keys_t: torch.Tensor,
+    values_t: torch.Tensor,
+    sq: torch.Tensor,
+    query_key: torch.Tensor,
+    top_k: int,
+    candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Sparse readout B×M×V: each query's `top_k` best memory positions, softmax-weighted, from memory keys
+    B×N×Ck (`keys_t`, positions first so each query's scores and each position's key and value are contiguous),
+    values B×N×V, squared key norms B×N (+inf leaves a position out) and query keys B×Ck×M.
+
+    Two passes, so that the N·M part is one matrix product and one selection: the candidates are chosen on
+    2⟨q, k⟩ − ‖k‖² (the affinity up to its scale and the query's constant), from `candidates` when given
+    (`candidate_keys`: a centred, reduced-precision copy; on CPUs with native bfloat16 products that pass costs a
+    fraction of float32); then the chosen positions' affinities are recomputed exactly in float32 and weighted. A
+    reduced-precision selection can only swap positions whose scores differ by less than its rounding.
+    """
+    b, n, c = keys_t.shape
+    m = query_key.shape[2]
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        query_t = query_key.float().transpose(1, 2)  # B×M×Ck
+        low, low_sq, centre = (keys_t, sq, None) if candidates is None else candidates
+        shifted = query_t if centre is None else query_t - centre
+        scores = torch.baddbmm((-low_sq)[:, None, :].to(low.dtype), (2 * shifted).to(low.dtype), low.transpose(1, 2))
+        chosen = torch.topk(scores, top_k, dim=2, sorted=False).indices  # B×M×k
+        flat = (chosen + torch.arange(b, device=chosen.device)[:, None, None] * n).reshape(-1)
+        keys = keys_t.reshape(b * n, c).index_select(0, flat).reshape(b * m, top_k, c)
+        cross = torch.bmm(keys, query_t.reshape(b * m, c, 1)).reshape(b, m, top_k)
+        aff = ((2 * cross - sq.reshape(-1).index_select(0, flat).reshape(b, m, top_k)) / math.sqrt(c)).clamp(
+            min=-AFFINITY_CLAMP
+        )
+        weights = torch.softmax(aff, dim=2)  # softmax shifts by the maximum itself
+        v = values_t.shape[2]
+        chosen_values = values_t.reshape(b * n, v).index_select(0, flat).reshape(b * m, top_k, v)
+        return torch.bmm(weights.reshape(b * m, 1, top_k).to(chosen_values.dtype), chosen_values).reshape(b, m, v)
+
+
+def candidate_keys(keys_t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Memory keys B×N×Ck prepared for `read_top_k`'s candidate pass: centred on their mean (‖q − k‖² does not change
+    when both move, and the scores of centred keys are small, so reduced precision rounds them far less), cast to
+    `dtype`, with their float32 squared norms B×N and the centre B×1×Ck."""
+    centre = keys_t.mean(1, keepdim=True)
+    centred = keys_t - centre
+    return centred.to(dtype), centred.pow(2).sum(2), centre
+
+
+def selection_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype `read_top_k` chooses candidates in: bfloat16 for "auto" where products in it are native (CUDA with
+    bf16, x86 with AVX512-BF16 or AMX), else float32 (emulated bfloat16 would be slower than float32)."""
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"select_precision must be auto, float32 or bfloat16, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.bfloat16 if device.type == "cpu" and any(native) else torch.float32
 
 
 def clip_memory_frames(frame_index: torch.Tensor, mem_every: int = 1, mem_size: int | None = None) -> torch.Tensor:
@@ -106,21 +168,24 @@ class MemoryBank:
 
     The bank owns its capacity: `write` stores a frame and calls `evict`, which drops the oldest working frames
     (override it for another rule), so peak memory stays flat whatever the video length. Each entry holds one frame's
-    key (B×Ck×h×w) and value (B×K×Cv×h×w). `top_k` is the sparse read of `read` (None: dense). The concatenated
-    memory is kept between reads and rebuilt after a change, so entries change only through `write`, `evict` and
-    `clear_working`.
+    key (B×Ck×h×w) and value (B×K×Cv×h×w). `top_k` is the sparse read of `read_top_k` (None: dense), its
+    candidates chosen in `select_precision` (`selection_dtype`). The memory is kept between reads in the layout the
+    read wants (positions first, squared norms, the selection copy) and rebuilt after a change, so entries change
+    only through `write`, `evict` and `clear_working`.
     """
 
-    def __init__(self, mem_size: int = 8, top_k: int | None = 30) -> None:
+    def __init__(self, mem_size: int = 8, top_k: int | None = 30, select_precision: str = "auto") -> None:
         if mem_size < 0:
             raise ValueError(f"mem_size must be >= 0, got {mem_size}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        selection_dtype(torch.device("cpu"), select_precision)  # refuse a bad name now, not at the first read
         self.mem_size = mem_size
         self.top_k = top_k
+        self.select_precision = select_precision
         self.pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.working: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, values, ‖k‖² of all entries
+        self._flat: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.pinned) + len(self.working)
@@ -143,15 +208,33 @@ class MemoryBank:
         self.working.clear()
         self._flat = None
 
+    def _flatten(self) -> dict[str, torch.Tensor]:
+        """All entries concatenated over positions, in the read's layout (rebuilt once per write, not per read)."""
+        entries = self.pinned + self.working
+        key = torch.cat([k.flatten(2) for k, _ in entries], dim=2).float()  # B×Ck×N
+        value = torch.cat([v.flatten(3) for _, v in entries], dim=3)  # B×K×Cv×N
+        flat = {"key": key, "value": value, "sq": squared_norms(key)}
+        if self.top_k is not None and self.top_k < key.shape[2]:
+            b, k, cv, n = value.shape
+            flat["keys_t"] = key.transpose(1, 2).contiguous()
+            flat["values_t"] = value.reshape(b, k * cv, n).transpose(1, 2).contiguous()
+            low = selection_dtype(key.device, self.select_precision)
+            flat["select_keys"], flat["select_sq"], flat["centre"] = candidate_keys(flat["keys_t"], low)
+        return flat
+
     def read(self, query_key: torch.Tensor) -> torch.Tensor:
         """Readout B×K×Cv×h×w for a query key B×Ck×h×w."""
-        entries = self.pinned + self.working
-        if not entries:
+        if not len(self):
             raise RuntimeError("memory is empty: write the annotated frame before reading")
-        b, ck, h, w = query_key.shape
-        if self._flat is None:  # entries change only on writes (every mem_every frames): concatenate once per write
-            mem_key = torch.cat([k.flatten(2) for k, _ in entries], dim=2)
-            self._flat = (mem_key, torch.cat([v.flatten(3) for _, v in entries], dim=3), squared_norms(mem_key))
-        mem_key, mem_value, mem_sq = self._flat
-        out = read(mem_key, mem_value, query_key.flatten(2), self.top_k, mem_sq=mem_sq)
-        return out.reshape(b, mem_value.shape[1], mem_value.shape[2], h, w)
+        if self._flat is None:
+            self._flat = self._flatten()
+        flat = self._flat
+        b, _, h, w = query_key.shape
+        _, k, cv, _ = flat["value"].shape
+        if "keys_t" not in flat:  # dense: no top-k, or k covers the memory
+            out = read(flat["key"], flat["value"], query_key.flatten(2), None, mem_sq=flat["sq"])
+            return out.reshape(b, k, cv, h, w)
+        sq = flat["sq"][..., 0]
+        candidates = (flat["select_keys"], flat["select_sq"], flat["centre"])
+        out = read_top_k(flat["keys_t"], flat["values_t"], sq, query_key.flatten(2), self.top_k, candidates)
+        return out.transpose(1, 2).reshape(b, k, cv, h, w)
