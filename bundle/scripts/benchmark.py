@@ -1,15 +1,20 @@
 """Propagation speed and peak memory of the TCMN variants on synthetic echo video: a benchmark, not a test.
 
-    python -m scripts.benchmark [--variants lite,full] [--sizes 384x288,512x512] [--frames 300,3000] [--threads N]
-        [--device cpu|cuda] [--mem-every 5] [--mem-size 8] [--top-k 30] [--infer-size S] [--checkpoint PATH|random]
-        [--warmup 5] [--profile] [--json results.json]
+    python -m scripts.benchmark [--variants lite] [--sizes 384x288,512x512] [--objects 1,3] [--memory one,full]
+        [--runtimes torch] [--frames 300] [--threads N] [--device cpu|cuda] [--mem-every 5] [--mem-size 8]
+        [--top-k 30] [--infer-size S] [--checkpoint PATH|random] [--warmup 5] [--profile] [--json results.json]
+    python -m scripts.benchmark --table results.json    # the model card's table (Markdown) from a saved run
 
-Every configuration runs in a fresh subprocess, so its RSS high-water mark is its own and not the largest seen so
-far. Frames come lazily from `SyntheticEchoSource` (3,000 frames of 512×512 would be 2.3 GB held in memory), and the
-propagation loop is the inference job's (`ModelPropagator.propagate`: channels_last network, inference mode, label
-maps as uint8), with the label maps discarded. Timing covers the loop only: model construction, the annotated frame
-and the first `--warmup` propagated frames are excluded, and so is the time spent generating synthetic frames (shown
-apart as `gen ms/f`; decoding a real video costs something else). Sizes are width×height, e.g. 384x288.
+Every configuration (the product of variants, sizes, objects, memory states, runtimes and lengths) runs in a fresh
+subprocess, so its RSS high-water mark is its own and not the largest seen so far. Frames come lazily from
+`SyntheticEchoSource` (3,000 frames of 512×512 would be 2.3 GB held in memory), and the propagation loop is the
+inference job's (`ModelPropagator.propagate`: channels_last network, inference mode, label maps as uint8), with the
+label maps discarded. Objects: 1 the cavity, 2 adds the myocardium, 3 splits the myocardium into left and right.
+Memory: `one` keeps only the annotated frame (mem_size 0), `full` starts timing once the working memory holds its
+`--mem-size` frames, so the two give the per-frame cost of an empty and of a full memory. Timing covers the loop
+only: model construction, the annotated frame and the first `--warmup` propagated frames (and with `full` the frames
+that fill the memory) are excluded, and so is the time spent generating synthetic frames (shown apart as
+`gen ms/f`; decoding a real video costs something else). Sizes are width×height, e.g. 384x288.
 
 Memory columns, in MiB: `RSS start` when the timed loop starts, `loop peak` the RSS high-water over the timed loop
 (Linux `/proc/self/clear_refs` resets it at loop start; `-` where that is unavailable), `process peak` the whole
@@ -17,9 +22,9 @@ process's high-water, model construction included (VmHWM: `ru_maxrss` would also
 and on CUDA `cuda peak`, the largest allocation over the loop.
 
 `--profile` adds a per-stage breakdown in ms per propagated frame: key encoding, memory read, decode and value
-encoding (written every `mem-every` frames, so averaged over all frames), and `other` (resizing, softmax, argmax,
-frame conversion). CUDA is synchronised around each stage, which slows the loop a little; use it to choose widths,
-not to quote speed.
+encoding (written every `mem-every` frames, so averaged over all frames), and `other` (frame conversion, resizing,
+softmax, label maps), and the ratio of the full-memory to the one-frame time per frame. CUDA is synchronised around
+each stage, which slows the loop a little; use it to choose widths, not to quote speed.
 """
 
 from __future__ import annotations
@@ -53,9 +58,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="lite,full", help="comma-separated TCMN variants")
+    parser.add_argument("--variants", default="lite", help="comma-separated TCMN variants")
     parser.add_argument("--sizes", default="384x288,512x512", help="comma-separated WIDTHxHEIGHT frame sizes")
-    parser.add_argument("--frames", default="300,3000", help="comma-separated video lengths")
+    parser.add_argument("--objects", default="1,3", help="comma-separated numbers of objects (1 to 3)")
+    parser.add_argument("--memory", default="one,full", help="comma-separated memory states: one, full")
+    parser.add_argument("--runtimes", default="torch", help="comma-separated runtimes of the network steps")
+    parser.add_argument("--frames", default="300", help="comma-separated video lengths")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--mem-every", type=int, default=5)
@@ -74,16 +82,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="synthetic clip and random-initialisation seed")
     parser.add_argument("--profile", action="store_true", help="print a per-stage breakdown in ms/frame")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--table", type=Path, default=None, help="print the Markdown table of a saved --json run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, as JSON
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    args.frames = [int(f) for f in args.frames.split(",") if f.strip()]
+    if args.table is not None:
+        return args
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
+    args.variants, args.memory, args.runtimes = split(args.variants), split(args.memory), split(args.runtimes)
+    args.sizes = [parse_size(s) for s in split(args.sizes)]
+    args.frames = [int(f) for f in split(args.frames)]
+    args.objects = [int(k) for k in split(args.objects)]
     args.top_k = None if args.top_k.lower() == "none" else int(args.top_k)
-    too_short = [f for f in args.frames if f < args.warmup + 2]
-    if too_short:
-        parser.error(f"--frames {too_short} leave nothing to time after the annotated frame and --warmup {args.warmup}")
+    if not set(args.objects) <= {1, 2, 3}:
+        parser.error(f"--objects {args.objects}: the synthetic clip has 1 to 3 objects")
+    if not set(args.memory) <= {"one", "full"}:
+        parser.error(f"--memory {args.memory}: the states are one and full")
+    too_short = [f for f in args.frames if f < skipped_frames(args.warmup, args.mem_every, args.mem_size, "full") + 2]
+    if "full" in args.memory and too_short:
+        parser.error(f"--frames {too_short} leave nothing to time once the memory is full")
+    elif min(args.frames) < args.warmup + 2:
+        parser.error(f"--frames {args.frames} leave nothing to time after the annotated frame and --warmup")
     return args
+
+
+def skipped_frames(warmup: int, mem_every: int, mem_size: int, memory: str) -> int:
+    """Frames before timing starts: the annotated one, the warm-up, and with a full memory those that fill it."""
+    return 1 + warmup + (mem_every * mem_size if memory == "full" else 0)
+
+
+def annotation(labels, objects: int):
+    """Frame 0's label map with 1-3 objects from the echo clip's cavity (1) and myocardium (2): 1 keeps the cavity,
+    3 splits the myocardium at the image centre into 2 (left) and 3 (right)."""
+    import numpy as np
+
+    if objects == 1:
+        return (labels == 1).astype(np.uint8)
+    out = labels.copy()
+    if objects == 3:
+        right = np.zeros_like(out, dtype=bool)
+        right[:, out.shape[1] // 2 :] = True
+        out[(out == 2) & right] = 3
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -185,7 +224,8 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def make_memory() -> memory.MemoryBank:
         """The inference job's bank; with --profile its reads are timed (an instance attribute shadows the method)."""
-        bank = memory.MemoryBank(mem_size=cfg["mem_size"], top_k=cfg["top_k"])
+        mem_size = cfg["mem_size"] if cfg["memory"] == "full" else 0
+        bank = memory.MemoryBank(mem_size=mem_size, top_k=cfg["top_k"])
         if cfg["profile"]:
             bank.read = timer.wrap("memory read", bank.read)
         return bank
@@ -215,11 +255,11 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         net.decode = timer.wrap("decode", net.decode)
         net.encode_value = timer.wrap("value encoding", net.encode_value)
 
-    skip = 1 + cfg["warmup"]  # the annotated frame, then the warm-up frames
+    skip = skipped_frames(cfg["warmup"], cfg["mem_every"], cfg["mem_size"], cfg["memory"])
     start = generated = None
     rss_start = peak_reset = peak_before = None
     count = 0
-    for count, (_, labels) in enumerate(propagator.propagate(TimedSource(), {0: clip.labels(0)}), start=1):
+    for count, (_, labels) in enumerate(propagator.propagate(TimedSource(), {0: annotation(clip.labels(0), cfg["objects"])}), start=1):
         if count == skip:
             sync()
             peak_before = _peak_kib()  # the reset below forgets it
@@ -277,33 +317,68 @@ def _cell(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _key(r: dict[str, Any]) -> list[str]:
+    """The columns that name a configuration."""
+    infer = str(r["infer_size"] or "native")
+    size = "×".join(map(str, r["size"]))
+    return [r["variant"], r.get("runtime", "torch"), size, infer, str(r.get("objects", "-")), r.get("memory", "-")]
+
+
+KEY_HEADER = ["variant", "runtime", "size", "infer", "objects", "memory"]
+
+
+def full_to_one(rows: list[dict[str, Any]]) -> dict[tuple, float]:
+    """ms per frame with a full memory over ms per frame with only the annotated frame, per configuration."""
+    ms = {(*_key(r)[:5], r["frames"], r["memory"]): r["ms_per_frame"] for r in rows if "error" not in r}
+    return {k[:-1]: v / ms[(*k[:-1], "one")] for k, v in ms.items() if k[-1] == "full" and (*k[:-1], "one") in ms}
+
+
 def print_table(rows: list[dict[str, Any]], profile: bool) -> None:
     """The results as a fixed-width table (and the per-stage table with --profile)."""
-    header = ["variant", "size", "infer", "frames", "frames/s", "ms/frame", "gen ms/f", "RSS start", "loop peak"]
+    header = [*KEY_HEADER, "frames", "frames/s", "ms/frame", "gen ms/f", "RSS start", "loop peak"]
     header += ["process peak", "cuda peak", "weights"]
     table = []
     for r in rows:
-        size = "×".join(map(str, r["size"]))
-        infer = str(r["infer_size"] or "native")
         if "error" in r:
-            table.append([r["variant"], size, infer, str(r["frames"]), f"failed: {r['error']}"])
+            table.append([*_key(r), str(r["frames"]), f"failed: {r['error']}"])
             continue
         table.append(
-            [r["variant"], size, infer, str(r["frames"]), _cell(r["fps"], 2), _cell(r["ms_per_frame"])]
+            [*_key(r), str(r["frames"]), _cell(r["fps"], 2), _cell(r["ms_per_frame"])]
             + [_cell(r["gen_ms_per_frame"]), _cell(r["rss_start_mib"]), _cell(r["loop_peak_rss_mib"])]
             + [_cell(r["process_peak_rss_mib"]), _cell(r["cuda_peak_mib"]), r["weights"]]
         )
     _print_rows(header, table)
     if profile:
         print("\nper-stage time, ms per propagated frame (value encoding runs every --mem-every frames):")
-        header = ["variant", "size", "infer", "frames", *STAGES, "other"]
+        header = [*KEY_HEADER, "frames", *STAGES, "other"]
         table = [
-            [r["variant"], "×".join(map(str, r["size"])), str(r["infer_size"] or "native"), str(r["frames"])]
-            + [_cell(r["profile_ms_per_frame"][s], 2) for s in (*STAGES, "other")]
+            [*_key(r), str(r["frames"])] + [_cell(r["profile_ms_per_frame"][s], 2) for s in (*STAGES, "other")]
             for r in rows
             if "profile_ms_per_frame" in r
         ]
         _print_rows(header, table)
+    ratios = full_to_one(rows)
+    if ratios:
+        print("\ntime per frame with a full memory / with the annotated frame only:")
+        _print_rows([*KEY_HEADER[:5], "frames", "full/one"], [[*k[:5], str(k[5]), f"{v:.2f}"] for k, v in ratios.items()])
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The model card's table: one row per configuration, frames/s, per-stage ms and the full/one ratio."""
+    ratios = full_to_one(rows)
+    header = [*KEY_HEADER[:3], "objects", "memory", "frames/s", "ms/frame", *STAGES, "other", "full/one"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if "error" in r:
+            continue
+        key = _key(r)
+        stages = r.get("profile_ms_per_frame", {})
+        ratio = ratios.get((*key[:5], r["frames"])) if r.get("memory") == "full" else None
+        cells = [*key[:3], key[4], key[5], f"{r['fps']:.1f}", f"{r['ms_per_frame']:.1f}"]
+        cells += [f"{stages[s]:.1f}" if s in stages else "-" for s in (*STAGES, "other")]
+        cells.append(f"{ratio:.2f}" if ratio is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _print_rows(header: list[str], table: list[list[str]]) -> None:
@@ -316,6 +391,9 @@ def _print_rows(header: list[str], table: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
     if args.worker is not None:
         try:
             print(json.dumps(measure(json.loads(args.worker))))
@@ -326,7 +404,10 @@ def main(argv: list[str] | None = None) -> None:
     configurations = [
         {
             "variant": variant,
+            "runtime": runtime,
             "size": list(size),
+            "objects": objects,
+            "memory": state,
             "frames": frames,
             "threads": args.threads,
             "device": args.device,
@@ -339,20 +420,22 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed,
             "profile": args.profile,
         }
-        for variant, size, frames in product(args.variants, args.sizes, args.frames)
+        for variant, size, objects, runtime, state, frames in product(
+            args.variants, args.sizes, args.objects, args.runtimes, args.memory, args.frames
+        )
     ]
     print(
         f"TCMN propagation benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"device {args.device}, {args.threads} threads, mem_every {args.mem_every}, mem_size {args.mem_size}, "
         f"top_k {args.top_k}; synthetic echo frames, labels discarded; timed after the annotated frame and "
-        f"{args.warmup} warm-up frames, frame generation excluded"
+        f"{args.warmup} warm-up frames (memory full: and the frames that fill it), frame generation excluded"
     )
     rows = []
     for cfg in configurations:
         row = run_configuration(cfg)
         rows.append(row)
         done = f"{row['fps']:.2f} frames/s, weights: {row['weights']}" if "error" not in row else row["error"]
-        print(f"  {cfg['variant']} {'×'.join(map(str, cfg['size']))} {cfg['frames']} frames: {done}", flush=True)
+        print(f"  {' '.join(_key(cfg))} {cfg['frames']} frames: {done}", flush=True)
     print()
     print_table(rows, args.profile)
     if args.json is not None:
