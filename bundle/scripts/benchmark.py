@@ -259,7 +259,9 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     start = generated = None
     rss_start = peak_reset = peak_before = None
     count = 0
-    for count, (_, labels) in enumerate(propagator.propagate(TimedSource(), {0: annotation(clip.labels(0), cfg["objects"])}), start=1):
+    for count, (_, labels) in enumerate(
+        propagator.propagate(TimedSource(), {0: annotation(clip.labels(0), cfg["objects"])}), start=1
+    ):
         if count == skip:
             sync()
             peak_before = _peak_kib()  # the reset below forgets it
@@ -360,7 +362,9 @@ def print_table(rows: list[dict[str, Any]], profile: bool) -> None:
     ratios = full_to_one(rows)
     if ratios:
         print("\ntime per frame with a full memory / with the annotated frame only:")
-        _print_rows([*KEY_HEADER[:5], "frames", "full/one"], [[*k[:5], str(k[5]), f"{v:.2f}"] for k, v in ratios.items()])
+        _print_rows(
+            [*KEY_HEADER[:5], "frames", "full/one"], [[*k[:5], str(k[5]), f"{v:.2f}"] for k, v in ratios.items()]
+        )
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -133,7 +133,9 @@ def selection_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
         raise ValueError(f"select_precision must be auto, float32 or bfloat16, got {precision!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    native = [
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
     return torch.bfloat16 if device.type == "cpu" and any(native) else torch.float32
 
 
