@@ -27,7 +27,7 @@ class FrameStep(nn.Module):
 
     def forward(self, frame: torch.Tensor, mem_key: torch.Tensor, mem_value: torch.Tensor) -> torch.Tensor:
         key, f16, f8, f4 = self.network.encode_key(frame)
-        readout = self.network.read(mem_key, mem_value, key, None)
+        readout = self.network.read(mem_key, mem_value, key)
         return self.network.decode(readout, f16, f8, f4, (frame.shape[-2], frame.shape[-1]))
 
 

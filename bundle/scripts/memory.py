@@ -9,6 +9,7 @@ overrides `evict` and one config line.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -45,6 +46,23 @@ def softmax_weights(aff: torch.Tensor) -> torch.Tensor:
     return torch.softmax(aff - aff.amax(dim=1, keepdim=True), dim=1)
 
 
+def read_dense(
+    mem_key: torch.Tensor,
+    mem_value: torch.Tensor,
+    query_key: torch.Tensor,
+    mem_mask: torch.Tensor | None = None,
+    mem_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M, over every
+    memory position (training, where gradients need them all; TorchScript; the export). `mem_mask` (B×N) leaves out
+    the positions of frames that are not in a sample's memory (see `clip_memory_frames`); `mem_sq` see `affinity`."""
+    b, k, cv, n = mem_value.shape
+    aff = affinity(mem_key, query_key, mem_sq=mem_sq)  # B×N×M
+    if mem_mask is not None:
+        aff = aff.masked_fill(~mem_mask[:, :, None], float("-inf"))
+    return (mem_value.reshape(b, k * cv, n) @ softmax_weights(aff)).reshape(b, k, cv, -1)
+
+
 def read(
     mem_key: torch.Tensor,
     mem_value: torch.Tensor,
@@ -53,26 +71,17 @@ def read(
     mem_mask: torch.Tensor | None = None,
     mem_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Readout B×K×Cv×M: memory values B×K×Cv×N weighted by the softmax affinity to query keys B×Ck×M.
-
-    With top_k < N only the k best memory positions of each query take part (`read_top_k`), so the readout costs
-    k·M instead of N·M value reads. Without top_k (training, where gradients need every position) or when k covers
-    the memory, the read is the dense softmax. `mem_mask` (B×N, training) leaves out the positions of frames that
-    are not in a sample's memory (see `clip_memory_frames`); `mem_sq` see `affinity`.
-    """
+    """Readout B×K×Cv×M as `read_dense`, or with top_k < N from each query's k best memory positions only
+    (`read_top_k`), so the readout costs k·M instead of N·M value reads."""
     b, k, cv, n = mem_value.shape
-    values = mem_value.reshape(b, k * cv, n)
     if top_k is None or top_k >= n:
-        aff = affinity(mem_key, query_key, mem_sq=mem_sq)  # B×N×M
-        if mem_mask is not None:
-            aff = aff.masked_fill(~mem_mask[:, :, None], float("-inf"))
-        return (values @ softmax_weights(aff)).reshape(b, k, cv, -1)
+        return read_dense(mem_key, mem_value, query_key, mem_mask, mem_sq)
     keys_t = mem_key.float().transpose(1, 2).contiguous()
     sq = squared_norms(mem_key)[..., 0] if mem_sq is None else mem_sq[..., 0]
     if mem_mask is not None:
         sq = sq.masked_fill(~mem_mask, float("inf"))
-    out = read_top_k(keys_t, values.transpose(1, 2).contiguous(), sq, query_key, top_k)
-    return out.transpose(1, 2).reshape(b, k, cv, -1)
+    values_t = mem_value.reshape(b, k * cv, n).transpose(1, 2).contiguous()
+    return read_top_k(keys_t, values_t, sq, query_key, top_k).transpose(1, 2).reshape(b, k, cv, -1)
 
 
 def read_top_k(
@@ -91,26 +100,32 @@ def read_top_k(
     2⟨q, k⟩ − ‖k‖² (the affinity up to its scale and the query's constant), from `candidates` when given
     (`candidate_keys`: a centred, reduced-precision copy; on CPUs with native bfloat16 products that pass costs a
     fraction of float32); then the chosen positions' affinities are recomputed exactly in float32 and weighted. A
-    reduced-precision selection can only swap positions whose scores differ by less than its rounding.
+    reduced-precision selection can only swap positions whose scores differ by less than its rounding. The weighted
+    sum is one sparse (CSR) × dense product: gathering k values per query first would copy k·M·V floats.
     """
     b, n, c = keys_t.shape
     m = query_key.shape[2]
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-        query_t = query_key.float().transpose(1, 2)  # B×M×Ck
+        query_t = query_key.float().transpose(1, 2).contiguous()  # B×M×Ck
         low, low_sq, centre = (keys_t, sq, None) if candidates is None else candidates
         shifted = query_t if centre is None else query_t - centre
         scores = torch.baddbmm((-low_sq)[:, None, :].to(low.dtype), (2 * shifted).to(low.dtype), low.transpose(1, 2))
-        chosen = torch.topk(scores, top_k, dim=2, sorted=False).indices  # B×M×k
+        # positions in increasing order within each query: the CSR layout below wants sorted column indices
+        chosen = torch.topk(scores, top_k, dim=2, sorted=False).indices.sort(dim=2).values  # B×M×k
         flat = (chosen + torch.arange(b, device=chosen.device)[:, None, None] * n).reshape(-1)
-        keys = keys_t.reshape(b * n, c).index_select(0, flat).reshape(b * m, top_k, c)
-        cross = torch.bmm(keys, query_t.reshape(b * m, c, 1)).reshape(b, m, top_k)
-        aff = ((2 * cross - sq.reshape(-1).index_select(0, flat).reshape(b, m, top_k)) / math.sqrt(c)).clamp(
-            min=-AFFINITY_CLAMP
-        )
-        weights = torch.softmax(aff, dim=2)  # softmax shifts by the maximum itself
+        keys = keys_t.reshape(b * n, c).index_select(0, flat).reshape(b, m, top_k, c)
+        cross = (keys * query_t[:, :, None, :]).sum(3)  # B×M×k; elementwise: a batched product of 1-column
+        # matrices would run one tiny GEMM per query
+        aff = (2 * cross - sq.reshape(-1).index_select(0, flat).reshape(b, m, top_k)) / math.sqrt(c)
+        weights = torch.softmax(aff.clamp(min=-AFFINITY_CLAMP), dim=2)  # softmax shifts by the maximum itself
+        rows = torch.arange(0, b * m * top_k + 1, top_k, device=flat.device)
+        with warnings.catch_warnings():  # PyTorch calls its CSR tensors beta, once per process
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = torch.sparse_csr_tensor(
+                rows, flat, weights.reshape(-1).to(values_t.dtype), (b * m, b * n), check_invariants=False
+            )
         v = values_t.shape[2]
-        chosen_values = values_t.reshape(b * n, v).index_select(0, flat).reshape(b * m, top_k, v)
-        return torch.bmm(weights.reshape(b * m, 1, top_k).to(chosen_values.dtype), chosen_values).reshape(b, m, v)
+        return (sparse @ values_t.reshape(b * n, v)).reshape(b, m, v)
 
 
 def candidate_keys(keys_t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,7 +249,7 @@ class MemoryBank:
         b, _, h, w = query_key.shape
         _, k, cv, _ = flat["value"].shape
         if "keys_t" not in flat:  # dense: no top-k, or k covers the memory
-            out = read(flat["key"], flat["value"], query_key.flatten(2), None, mem_sq=flat["sq"])
+            out = read_dense(flat["key"], flat["value"], query_key.flatten(2), mem_sq=flat["sq"])
             return out.reshape(b, k, cv, h, w)
         sq = flat["sq"][..., 0]
         candidates = (flat["select_keys"], flat["select_sq"], flat["centre"])

@@ -342,17 +342,12 @@ class TCMN(nn.Module):
 
     @torch.jit.export
     def read(
-        self,
-        mem_key: torch.Tensor,
-        mem_value: torch.Tensor,
-        key: torch.Tensor,
-        top_k: int | None = None,
-        mem_mask: torch.Tensor | None = None,
+        self, mem_key: torch.Tensor, mem_value: torch.Tensor, key: torch.Tensor, mem_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w (dense without top_k;
-        `mem_mask` B×N leaves positions out)."""
+        """Memory keys B×Ck×N and values B×K×Cv×N, query key B×Ck×h×w → readout B×K×Cv×h×w over every memory
+        position (`mem_mask` B×N leaves positions out); inference reads through its `MemoryBank`'s sparse read."""
         b, _, h, w = key.shape
-        out = memory.read(mem_key, mem_value, key.flatten(2), top_k, mem_mask)
+        out = memory.read_dense(mem_key, mem_value, key.flatten(2), mem_mask)
         return out.reshape(b, mem_value.shape[1], mem_value.shape[2], h, w)
 
     @torch.jit.export
@@ -406,7 +401,7 @@ class TCMN(nn.Module):
             mem_mask: torch.Tensor | None = None
             if visible is not None:
                 mem_mask = visible[:, i, :i].repeat_interleave(key.shape[-2] * key.shape[-1], dim=1)
-            readout = self.read(mem_key, mem_value, key[:, i], None, mem_mask)
+            readout = self.read(mem_key, mem_value, key[:, i], mem_mask)
             out = self.decode(readout, f16[:, i], f8[:, i], f4[:, i], size, valid)
             logits.append(out)
             if i < t - 1 or last_value:
