@@ -28,6 +28,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.scripts import create_workflow, run
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
+from scripts.errors import InputError
+
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
 HELP_FLAGS = ("help", "h")
@@ -284,10 +286,12 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
     """Refuse an unknown flag or a bad value with one `error: …` line, or print `--help`, ending the job (SystemExit).
 
     `flags` maps each documented flag to its declaration: `value` (the config's, after overrides), `type` (one of
-    `TYPES`), `help`, and `min`, `choices`, `optional` (none or '' allowed) where they apply. `argv` is what follows
-    `run` on the command line; by default the process's own when it is `python -m monai.bundle run`, otherwise only
-    the values are checked. SystemExit, because MONAI wraps any other exception of a config expression in a long
-    traceback that ends with its own generic line.
+    `TYPES`), `help`, and `min`, `choices`, `optional` (none or '' allowed) where they apply, and `check`: a callable
+    given a value of the right type, for what the type cannot tell (a package installed, another flag's value), whose
+    `InputError` ends the job the same way, its message the line. `argv` is what follows `run` on the command line;
+    by default the process's own when it is `python -m monai.bundle run`, otherwise only the values are checked.
+    SystemExit, because MONAI wraps any other exception of a config expression in a long traceback that ends with its
+    own generic line.
     """
     argv = launched_command_line() if argv is None else argv
     if argv is not None:
@@ -314,3 +318,8 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
         problem = accepted(spec, spec.get("value"))
         if problem is not None:
             raise SystemExit(f"error: --{name} {show(spec.get('value'))}: {problem}")
+        if spec.get("check") is not None:
+            try:
+                spec["check"](spec.get("value"))
+            except InputError as err:
+                raise SystemExit(f"error: {err}") from None
