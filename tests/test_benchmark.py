@@ -55,10 +55,13 @@ def test_one_configuration_measures_every_stage(monkeypatch: pytest.MonkeyPatch)
     assert list(ratios.values()) == [pytest.approx(full["ms_per_frame"] / one["ms_per_frame"])]
     table = benchmark.markdown_table(json.loads(json.dumps([one, full])))
     assert table.count("\n") == 3 and "| lite | torch | 64×48 | 3 | full |" in table
+    engine = benchmark.measure({**cfg, "runtime": "onnxruntime", "objects": 1})
+    assert engine["profile_calls"]["key encoding"] == engine["timed_frames"]
 
 
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--objects", "4"], ["--memory", "half"], ["--frames", "20", "--mem-size", "8"]):
+    bad = (["--objects", "4"], ["--memory", "half"], ["--frames", "20", "--mem-size", "8"], ["--runtimes", "tvm"])
+    for argv in bad:
         with pytest.raises(SystemExit):
             benchmark.parse_args(argv)
         assert "error:" in capsys.readouterr().err

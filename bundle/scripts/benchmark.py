@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.top_k = None if args.top_k.lower() == "none" else int(args.top_k)
     if not set(args.objects) <= {1, 2, 3}:
         parser.error(f"--objects {args.objects}: the synthetic clip has 1 to 3 objects")
+    from scripts.runtime import runtime_problem
+
+    for runtime in args.runtimes:
+        problem = runtime_problem(runtime, args.device)
+        if problem is not None:
+            parser.error(f"--runtimes {runtime}: {problem}")
     if not set(args.memory) <= {"one", "full"}:
         parser.error(f"--memory {args.memory}: the states are one and full")
     too_short = [f for f in args.frames if f < skipped_frames(args.warmup, args.mem_every, args.mem_size, "full") + 2]
@@ -210,6 +216,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     from scripts import memory, prepare_job
     from scripts.inferer import ModelPropagator, PropagationInferer
     from scripts.network import TCMN
+    from scripts.runtime import runtime_network
     from scripts.synthetic import SyntheticEchoSource
 
     prepare_job()  # flushes denormals, as the inference job does
@@ -231,6 +238,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         return bank
 
     inferer = PropagationInferer(make_memory, cfg["mem_every"], size=cfg["infer_size"], device=device, progress=False)
+    net = runtime_network(net, cfg["runtime"])  # as the inference job's propagator gets it
     propagator = ModelPropagator(net, inferer)  # channels_last and eval, as the inference job
     width, height = cfg["size"]
     clip = SyntheticEchoSource(cfg["frames"], height, width, seed=cfg["seed"])
