@@ -12,6 +12,9 @@ TCMN with the same three methods on CPU float32 tensors, so the inferer runs it 
   export in a fraction of a second, 1-3 s each with the `torch.export`-based one) and run by an `InferenceSession`.
 - `openvino`: the same ONNX graphs read by `Core.read_model` and compiled for CPU with a latency hint and float32
   precision (its default on CPUs with bfloat16 units, bfloat16, changed 1.1 % of the sample clip's labels).
+- `onnxruntime` with `quantized` (`--quantized FILE`, an int8 calibration written by `python -m scripts.quantize`):
+  the key encoder's and the decoder's graphs are quantized to int8 (QDQ) with the file's activation ranges as they
+  are built; the value encoder stays float32. See `scripts.quantize` for what is int8 and why.
 
 The engines' graphs are built on first use for a frame size and kept for the `CACHED_SIZES` sizes used last (a video's
 frames share one; the batch job reuses them across videos); the batch and the number of objects K are dynamic axes.
@@ -29,6 +32,7 @@ import itertools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ from torch.fx.experimental.optimization import fuse
 
 from scripts.errors import InputError
 from scripts.network import TCMN, aggregate
+from scripts.quantize import Int8Calibration, load_calibration
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 PACKAGES = {"torch": (), "openvino": ("openvino", "onnx"), "onnxruntime": ("onnxruntime", "onnx")}  # onnx: the export
@@ -63,6 +68,20 @@ def runtime_problem(runtime: str, device: str | torch.device = "cpu") -> str | N
     if runtime != "torch" and torch.device(device).type != "cpu":
         return f"{runtime} runs on the CPU here; use --device cpu, or --runtime torch on {torch.device(device).type}"
     return None
+
+
+def check_quantized(quantized: str | None, runtime: str = "onnxruntime") -> None:
+    """The `--quantized` flag's check: none, or an int8 calibration file that loads, with `--runtime onnxruntime`
+    (the int8 graphs are onnxruntime's); one-line `InputError` otherwise. The weights are checked against the file
+    when the graphs are built (after `--ckpt_path` is loaded)."""
+    if quantized is None or quantized == "":
+        return
+    if runtime != "onnxruntime":
+        raise InputError(f"--quantized {quantized}: int8 graphs run on onnxruntime; add --runtime onnxruntime")
+    try:
+        Int8Calibration.load(quantized)
+    except InputError as err:  # its message starts with the path
+        raise InputError(f"--quantized {err}") from None
 
 
 def check_runtime(runtime: str, device: str | torch.device = "cpu") -> None:
@@ -204,16 +223,29 @@ class RuntimeNetwork(nn.Module):
     Engine graphs (per frame size) and the folded copy (`torch`) are made at first use from its weights then, and
     made again when its parameters change (load_state_dict, an optimiser step, a move). `threads` (default torch's
     count when a graph is built) is each engine's intra-op thread count. Engines take and give CPU float32 tensors.
+    `quantized` (onnxruntime only): an int8 calibration (`scripts.quantize.Int8Calibration` or its file) whose steps
+    are built as int8 graphs; it must have been made for the wrapped network's weights (checked at each build).
     """
 
-    def __init__(self, network: nn.Module, runtime: str = "torch", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        runtime: str = "torch",
+        threads: int | None = None,
+        quantized: str | Path | Int8Calibration | None = None,
+    ) -> None:
         super().__init__()
         check_runtime(runtime)
         if not isinstance(network, TCMN):
             raise TypeError(f"RuntimeNetwork wraps an eager TCMN, got {type(network).__name__}")
+        if quantized is not None and quantized != "" and runtime != "onnxruntime":
+            name = quantized.name if isinstance(quantized, Int8Calibration) else quantized
+            raise InputError(f"--quantized {name}: int8 graphs run on onnxruntime; add --runtime onnxruntime")
         self.network = network
         self.runtime = runtime
         self.threads = threads
+        self.quantized = load_calibration(quantized)
+        self._checked: tuple | None = None  # the weights fingerprint the calibration was last checked against
         self._graphs: OrderedDict[tuple, Callable] = OrderedDict()  # oldest used first
         self._folded: TCMN | None = None
         self._tensors: list[torch.Tensor] = []
@@ -260,7 +292,13 @@ class RuntimeNetwork(nn.Module):
         graph = self._graphs.get(key)
         if graph is None:
             threads = self.threads or torch.get_num_threads()
-            graph = ENGINES[self.runtime](onnx_bytes(step(), [t.float() for t in inputs], io_spec), threads)
+            model = onnx_bytes(step(), [t.float() for t in inputs], io_spec)
+            if self.quantized is not None:
+                if self._checked != self._fingerprint:
+                    self.quantized.check(self.network)
+                    self._checked = self._fingerprint
+                model = self.quantized.quantize(key[0], model)
+            graph = ENGINES[self.runtime](model, threads)
             self._graphs[key] = graph
             while len(self._graphs) > 3 * CACHED_SIZES:
                 self._graphs.popitem(last=False)
@@ -317,12 +355,18 @@ def run(graph: Callable[[dict[str, np.ndarray]], list[np.ndarray]], io_spec: tup
     return [torch.from_numpy(np.asarray(out)) for out in graph(feeds)]
 
 
-def runtime_network(network: nn.Module, runtime: str = "torch") -> nn.Module:
-    """What the configs hand the propagator: an eager TCMN wrapped for `runtime`; a TorchScript module
-    (`inference_torchscript.json`) runs as it is under `torch` and is refused by the other runtimes."""
+def runtime_network(
+    network: nn.Module, runtime: str = "torch", quantized: str | Path | Int8Calibration | None = None
+) -> nn.Module:
+    """What the configs hand the propagator: an eager TCMN wrapped for `runtime` (and `--quantized`); a TorchScript
+    module (`inference_torchscript.json`) runs as it is under `torch` and is refused by the other runtimes."""
     if isinstance(network, TCMN):
-        return RuntimeNetwork(network, runtime)
+        return RuntimeNetwork(network, runtime, quantized=quantized)
     check_runtime(runtime)
+    if quantized is not None and quantized != "":
+        raise InputError(
+            f"--quantized {quantized}: needs the eager network (--ckpt_path), not {type(network).__name__}"
+        )
     if runtime != "torch":
         raise InputError(f"--runtime {runtime}: needs the eager network (--ckpt_path), not {type(network).__name__}")
     return network

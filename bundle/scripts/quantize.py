@@ -1,0 +1,451 @@
+"""int8 post-training quantization of the per-frame steps: `python -m scripts.quantize`, then `--quantized FILE`.
+
+    python -m scripts.quantize --dataset_dir DIR[,DIR…] --output FILE [--ckpt_path PATH] [--variant lite]
+        [--split_file PATH] [--frames_per_sequence 5] [--overwrite]
+
+The export step writes an int8 calibration file: the activation range (min, max) of every tensor of the key
+encoder's and the decoder's ONNX graphs, measured by onnxruntime's MinMax calibrator while the float32 network
+propagates the first annotation of each *training* sequence of `--dataset_dir` (the `train` split of
+`--split_file`; sequences listed as `val` are never read), `--frames_per_sequence` frames of each, evenly spaced.
+The file also names the variant and the SHA-256 of the weights it was calibrated for.
+
+`--runtime onnxruntime --quantized FILE` (inference, batch inference, evaluation, app) then quantizes each step's
+graph when `RuntimeNetwork` builds it for a frame size: QDQ, activations uint8 (asymmetric), weights int8 per output
+channel, the ranges from the file; so one file serves every frame size, and the graphs stay as they are built
+today (per size, batch and K dynamic). What is int8 and what stays float32, chosen on the training split (J&F of
+the propagation, cvc_clinicdb and vocalfolds `train`) and measured in README "Runtimes":
+
+- key encoder (`lite`): int8 except the input scaling, the stem and the first two MBConv blocks (`stage4.0`,
+  `stage4.1.1`). Quantizing those too is faster still but lost 0.019 J&F on the vocalfolds training sequences: the
+  high-resolution early features carry the error into every later layer.
+- decoder: int8 (its outputs stay within about 1 % of float32).
+- value encoder: float32 (it runs on every `mem_every`-th frame only, and int8 changed its values by 12-19 %).
+
+A file made for other weights (another checkpoint, variant or a retrained model) is refused when the graphs are
+built, naming both digests, instead of running with ranges that do not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts import prepare_job
+from scripts.errors import InputError
+
+FORMAT = "tcmn-int8-calibration/1"
+INT8_STEPS = ("key", "decode")  # the value encoder stays float32
+# graph nodes (by name prefix) that stay float32 in each step's int8 graph, per variant; a variant missing here has
+# no measured int8 recipe and is refused
+FLOAT_NODES: dict[str, dict[str, tuple[str, ...]]] = {
+    "lite": {
+        "key": (
+            "/key_encoder/Mul",
+            "/key_encoder/Sub",
+            "/key_encoder/stem/",
+            "/key_encoder/stage4/stage4.0/",
+            "/key_encoder/stage4/stage4.1/stage4.1.1/",
+        ),
+        "decode": (),
+    }
+}
+FRAMES_PER_SEQUENCE = 5
+
+
+def weights_digest(network: torch.nn.Module) -> str:
+    """SHA-256 of a network's state dict (names, dtypes, shapes and values; memory format does not count)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(network.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Int8Calibration:
+    """What `--quantized FILE` holds: per int8 step, the (min, max) of each tensor of its graph, for the weights of
+    digest `weights` (variant `variant`); `source` says what it was measured on, `path` where it was read from."""
+
+    variant: str
+    weights: str
+    ranges: dict[str, dict[str, tuple[float, float]]]
+    source: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in FLOAT_NODES:
+            raise InputError(
+                f"{self.path or 'int8 calibration'}: no int8 recipe for the {self.variant} variant "
+                f"(measured: {', '.join(FLOAT_NODES)})"
+            )
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "int8 calibration"
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "variant": self.variant,
+            "weights_sha256": self.weights,
+            "activations": "uint8 per tensor (asymmetric, MinMax)",
+            "weights": "int8 per output channel (symmetric)",
+            "float32_nodes": {step: list(FLOAT_NODES[self.variant][step]) for step in INT8_STEPS},
+            "source": self.source,
+            "ranges": {step: {k: list(v) for k, v in sorted(r.items())} for step, r in self.ranges.items()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the file (4-space JSON) in one piece: a partial file never replaces a good one."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.partial")
+        temporary.write_text(json.dumps(self.to_json(), indent=4) + "\n")
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Int8Calibration:
+        """Read a file written by `save`; anything else raises a one-line `InputError` naming it."""
+        path = Path(path)
+        hint = "make one with python -m scripts.quantize"
+        if not path.is_file():
+            raise InputError(f"{path}: no such int8 calibration file; {hint}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path}: not an int8 calibration file ({type(err).__name__}); {hint}") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise InputError(f"{path}: not an int8 calibration file (format {FORMAT!r} expected); {hint}")
+        try:
+            ranges = {
+                step: {str(k): (float(lo), float(hi)) for k, (lo, hi) in data["ranges"][step].items()}
+                for step in INT8_STEPS
+            }
+            return cls(str(data["variant"]), str(data["weights_sha256"]), ranges, dict(data.get("source", {})), path)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise InputError(f"{path}: an int8 calibration file with missing or malformed entries; {hint}") from err
+
+    def check(self, network: torch.nn.Module) -> None:
+        """Raise an `InputError` unless this calibration was made for `network`'s variant and weights."""
+        variant = getattr(network, "variant", None)
+        digest = weights_digest(network)
+        if variant != self.variant or digest != self.weights:
+            raise InputError(
+                f"--quantized {self.name}: calibrated for other weights ({self.variant}, sha256 {self.weights[:12]}…; "
+                f"the network is {variant}, sha256 {digest[:12]}…); calibrate again for these weights with "
+                "python -m scripts.quantize"
+            )
+
+    def quantize(self, step: str, model: bytes) -> bytes:
+        """A step's float32 ONNX graph → its int8 (QDQ) graph with this file's ranges; other steps unchanged."""
+        if step not in INT8_STEPS:
+            return model
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
+        graph = onnx.load_from_string(model).graph
+        produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
+        ranges = self.ranges[step]
+        if not produced & set(ranges):
+            raise InputError(
+                f"--quantized {self.name}: its {step} ranges name none of this graph's tensors (made with another "
+                "exporter?); calibrate again with python -m scripts.quantize"
+            )
+        keep = FLOAT_NODES[self.variant][step]
+        excluded = [node.name for node in graph.node if keep and node.name.startswith(keep)]
+        table = {k: (np.float32(lo), np.float32(hi)) for k, (lo, hi) in ranges.items() if k in produced}
+        with tempfile.TemporaryDirectory(prefix="tcmn-int8-") as folder, _quiet_quantizer():
+            source, target, cache = (Path(folder) / name for name in ("float.onnx", "int8.onnx", "ranges.json"))
+            source.write_bytes(model)
+            save_tensors_data(TensorsData(CalibrationMethod.MinMax, table), cache)
+            quantize_static(
+                source,
+                target,
+                None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=cache,
+            )
+            quantized = onnx.load(target)
+        # the quantizer folds ReLU6 into the QuantizeLinear after a convolution and leaves its bounds (constants)
+        # behind, which onnxruntime would list one warning line each when the session is made
+        graph = quantized.graph
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        for node in [n for n in graph.node if n.op_type == "Constant" and not set(n.output) & used]:
+            graph.node.remove(node)
+        for initializer in [i for i in graph.initializer if i.name not in used]:
+            graph.initializer.remove(initializer)
+        return quantized.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice on the root logger (pre-processing, opset) at every graph built."""
+
+    def outside(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(outside)
+    try:
+        yield
+    finally:
+        root.removeFilter(outside)
+
+
+def load_calibration(quantized: str | Path | Int8Calibration | None) -> Int8Calibration | None:
+    """`--quantized`'s value (none, a path or a loaded calibration) → the calibration."""
+    if quantized is None or quantized == "":
+        return None
+    if isinstance(quantized, Int8Calibration):
+        return quantized
+    return Int8Calibration.load(quantized)
+
+
+class RangeCollector:
+    """onnxruntime's MinMax calibrator over one graph, fed one input at a time (it keeps only the running range)."""
+
+    def __init__(self, model: bytes, folder: Path, name: str) -> None:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import create_calibrator
+
+        path = folder / f"{name}.onnx"
+        path.write_bytes(model)
+        self.inputs = [i.name for i in onnx.load_from_string(model).graph.input]
+        with _quiet_quantizer():
+            self.calibrator = create_calibrator(
+                path,
+                None,
+                augmented_model_path=folder / f"{name}.augmented.onnx",
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+        self.count = 0
+
+    def add(self, feeds: Mapping[str, np.ndarray]) -> None:
+        batch = iter([{name: feeds[name] for name in self.inputs}])
+
+        class Reader:
+            def get_next(self) -> dict | None:
+                return next(batch, None)
+
+        self.calibrator.collect_data(Reader())
+        self.count += 1
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        data = self.calibrator.compute_data()
+        return {
+            name: (float(np.min(data[name].range_value[0])), float(np.max(data[name].range_value[1]))) for name in data
+        }
+
+
+def merge_ranges(*tables: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The union of MinMax ranges (graphs of several frame sizes share their tensor names)."""
+    merged: dict[str, tuple[float, float]] = {}
+    for table in tables:
+        for name, (lo, hi) in table.items():
+            old = merged.get(name, (lo, hi))
+            merged[name] = (min(lo, old[0]), max(hi, old[1]))
+    return merged
+
+
+def calibrate(
+    network: torch.nn.Module,
+    sequences: Sequence,
+    frames_per_sequence: int = FRAMES_PER_SEQUENCE,
+    mem_every: int = 5,
+    mem_size: int = 8,
+    top_k: int | None = 30,
+) -> Int8Calibration:
+    """Measure the int8 steps' activation ranges on `sequences` (`scripts.data.Sequence`: frames and label maps).
+
+    Each sequence's frame-0 annotation (all its objects) is propagated forward by the float32 network (batch norm
+    folded, as `--runtime torch`) through the inference job's `PropagationInferer` and `MemoryBank` with the given
+    memory settings; the key encoder's input and the decoder's inputs of `frames_per_sequence` evenly spaced frames
+    feed the calibrators, so the decoder sees real memory readouts. Sequences without foreground on frame 0 are
+    skipped. Graphs are built per frame size, as at inference, and their ranges merged.
+    """
+    import onnxruntime
+
+    from scripts.annotations import read_label_map
+    from scripts.inferer import PropagationInferer
+    from scripts.memory import MemoryBank
+    from scripts.readers import open_video
+    from scripts.runtime import DECODE_IO, KEY_IO, DecodeStep, KeyStep, RuntimeNetwork, onnx_bytes
+
+    if frames_per_sequence < 1:
+        raise ValueError(f"frames_per_sequence must be >= 1, got {frames_per_sequence}")
+    network = network.eval()
+    collectors: dict[tuple, RangeCollector] = {}
+    chosen: set[int] = set()
+    calls = {"key": 0, "decode": 0}
+    used: list[str] = []
+
+    with tempfile.TemporaryDirectory(prefix="tcmn-calibration-") as folder:
+
+        def collector(key: tuple, step: torch.nn.Module, inputs: list[torch.Tensor], io_spec: tuple) -> RangeCollector:
+            if key not in collectors:
+                model = onnx_bytes(step, [t.float() for t in inputs], io_spec)
+                collectors[key] = RangeCollector(model, Path(folder), f"graph{len(collectors)}")
+            return collectors[key]
+
+        class Recorder(RuntimeNetwork):
+            """The float32 network (`--runtime torch`) that hands the chosen frames' step inputs to the collectors."""
+
+            def encode_key(self, image: torch.Tensor):
+                if calls["key"] in chosen:
+                    feed = image.float().contiguous()
+                    collector(("key", *image.shape[-2:]), KeyStep(self.network), [feed], KEY_IO).add(
+                        {"image": feed.numpy()}
+                    )
+                calls["key"] += 1
+                return super().encode_key(image)
+
+            def decode(self, readout, f16, f8, f4, size, valid=None):
+                if calls["decode"] + 1 in chosen:  # decode call i segments frame i + 1
+                    inputs = [t.float().contiguous() for t in (readout, f16, f8, f4)]
+                    size = (int(size[0]), int(size[1]))
+                    key = ("decode", *size, *(d for t in inputs[1:] for d in t.shape[-2:]))
+                    graph = collector(key, DecodeStep(self.network, size), inputs, DECODE_IO)
+                    graph.add({name: t.numpy() for name, t in zip(DECODE_IO[0], inputs)})
+                calls["decode"] += 1
+                return super().decode(readout, f16, f8, f4, size, valid)
+
+        recorder = Recorder(network, "torch")
+        memory = functools.partial(MemoryBank, mem_size=mem_size, top_k=top_k)
+        inferer = PropagationInferer(memory, mem_every=mem_every, device="cpu", amp=False)
+        for sequence in sequences:
+            labels = read_label_map(sequence.masks[0])
+            values = np.unique(labels)
+            values = values[values > 0]
+            if not len(values):
+                continue
+            dense = torch.from_numpy((np.searchsorted(values, labels) + 1) * (labels > 0))  # objects 1..K
+            source = open_video(sequence.frames[0].parent)
+            steps = len(source) - 1  # propagated frames after the annotated frame 0
+            # key calls: 0 the annotated frame (pinned), then one per propagated frame; decode calls: one per frame
+            picks = sorted({int(round(x)) for x in np.linspace(1, steps, min(frames_per_sequence, steps))})
+            chosen.clear()
+            calls.update(key=0, decode=0)
+            chosen.update(picks)
+
+            def get_frame(t: int, source=source) -> torch.Tensor:
+                frame = np.require(source[t], np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+                return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+
+            for _ in inferer.propagate(recorder, get_frame, len(source), {0: dense}):
+                pass
+            if picks:
+                used.append(sequence.key)
+        if not used:
+            raise InputError("no training sequence with foreground on frame 0 and at least 2 frames to calibrate on")
+        ranges = {
+            step: merge_ranges(*(c.ranges() for key, c in collectors.items() if key[0] == step)) for step in INT8_STEPS
+        }
+        counts = {step: sum(c.count for key, c in collectors.items() if key[0] == step) for step in INT8_STEPS}
+    source = {
+        "sequences": used,
+        "frames_per_sequence": frames_per_sequence,
+        "key_frames": counts["key"],
+        "decoder_calls": counts["decode"],
+        "memory": {"mem_every": mem_every, "mem_size": mem_size, "top_k": top_k},
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
+    return Int8Calibration(network.variant, weights_digest(network), ranges, source)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    bundle = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.quantize",
+        description="Write the int8 calibration file of --runtime onnxruntime --quantized FILE: activation ranges of "
+        "the key encoder's and decoder's graphs, measured on the training sequences of --dataset_dir.",
+    )
+    parser.add_argument("--dataset_dir", required=True, help="DAVIS-layout dataset root(s), comma-separated")
+    parser.add_argument("--output", required=True, type=Path, help="the int8 calibration file to write (JSON)")
+    parser.add_argument("--ckpt_path", type=Path, default=bundle / "models" / "model.pt", help="the network weights")
+    parser.add_argument("--variant", default="lite", choices=sorted(FLOAT_NODES), help="the network's size")
+    parser.add_argument(
+        "--split_file",
+        type=Path,
+        default=bundle / "configs" / "splits.json",
+        help="JSON mapping '<dataset>/<sequence>' to train or val: only train sequences are read (unlisted ones "
+        "count as train)",
+    )
+    parser.add_argument(
+        "--frames_per_sequence",
+        type=int,
+        default=FRAMES_PER_SEQUENCE,
+        help="propagated frames of each sequence whose step inputs are measured, evenly spaced",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    args = parser.parse_args(argv)
+    if args.frames_per_sequence < 1:
+        parser.error(f"--frames_per_sequence {args.frames_per_sequence}: a positive integer")
+    if args.output.exists() and not args.overwrite:
+        parser.error(f"--output {args.output}: exists; add --overwrite to replace it")
+    if not args.output.parent.is_dir():
+        parser.error(f"--output {args.output}: no folder {args.output.parent}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    from scripts.data import list_sequences
+    from scripts.network import TCMN, load_network_weights
+    from scripts.runtime import check_runtime
+
+    prepare_job()  # as every job: one-line input errors, denormals flushed (as the inference it calibrates for)
+    args = parse_args(argv)
+    check_runtime("onnxruntime")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    everything = list_sequences(args.dataset_dir)
+    sequences = list_sequences(args.dataset_dir, "train", args.split_file)
+    print(
+        f"calibrating on {len(sequences)} training sequences of {args.dataset_dir} "
+        f"({len(everything) - len(sequences)} listed as val in {args.split_file} left out)",
+        flush=True,
+    )
+    if not sequences:
+        raise InputError(
+            f"--dataset_dir {args.dataset_dir}: no training sequences (every one is val in {args.split_file})"
+        )
+    network = load_network_weights(TCMN(args.variant, pretrained=False), args.ckpt_path, "cpu").eval()
+    with torch.inference_mode():
+        calibration = calibrate(network, sequences, args.frames_per_sequence)
+    calibration.source = {"dataset_dir": args.dataset_dir, "split": "train", **calibration.source}
+    path = calibration.save(args.output)
+    used = calibration.source
+    print(
+        f"wrote {path}: ranges of {len(calibration.ranges['key'])} key-encoder and {len(calibration.ranges['decode'])} "
+        f"decoder tensors from {used['key_frames']} frames and {used['decoder_calls']} decoder calls of "
+        f"{len(used['sequences'])} sequences; use it with --runtime onnxruntime --quantized {path}"
+    )
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as err:  # a bad input ends the command with one line, as the bundle's jobs do
+        raise SystemExit(f"error: {err}") from None
