@@ -226,18 +226,26 @@ class MemoryBank:
         self._flat = None
 
     def _flatten(self) -> dict[str, torch.Tensor]:
-        """All entries concatenated over positions, in the read's layout (rebuilt once per write, not per read)."""
+        """All entries concatenated over positions, in the layout of the read that will use them (rebuilt once per
+        write, not per read): channels first for the dense read, positions first (with the candidate copy) for the
+        top-k read; only one of the two is kept."""
         entries = self.pinned + self.working
         key = torch.cat([k.flatten(2) for k, _ in entries], dim=2).float()  # B×Ck×N
         value = torch.cat([v.flatten(3) for _, v in entries], dim=3)  # B×K×Cv×N
-        flat = {"key": key, "value": value, "sq": squared_norms(key)}
-        if self.top_k is not None and self.top_k < key.shape[2]:
-            b, k, cv, n = value.shape
-            flat["keys_t"] = key.transpose(1, 2).contiguous()
-            flat["values_t"] = value.reshape(b, k * cv, n).transpose(1, 2).contiguous()
-            low = selection_dtype(key.device, self.select_precision)
-            flat["select_keys"], flat["select_sq"], flat["centre"] = candidate_keys(flat["keys_t"], low)
-        return flat
+        if self.top_k is None or self.top_k >= key.shape[2]:
+            return {"key": key, "value": value, "sq": squared_norms(key)}
+        b, k, cv, n = value.shape
+        keys_t = key.transpose(1, 2).contiguous()
+        low = selection_dtype(key.device, self.select_precision)
+        select_keys, select_sq, centre = candidate_keys(keys_t, low)
+        return {
+            "keys_t": keys_t,
+            "values_t": value.reshape(b, k * cv, n).transpose(1, 2).contiguous(),
+            "sq": squared_norms(key)[..., 0],
+            "select_keys": select_keys,
+            "select_sq": select_sq,
+            "centre": centre,
+        }
 
     def read(self, query_key: torch.Tensor) -> torch.Tensor:
         """Readout B×K×Cv×h×w for a query key B×Ck×h×w."""
@@ -247,11 +255,10 @@ class MemoryBank:
             self._flat = self._flatten()
         flat = self._flat
         b, _, h, w = query_key.shape
-        _, k, cv, _ = flat["value"].shape
+        k, cv = (self.pinned + self.working)[0][1].shape[1:3]
         if "keys_t" not in flat:  # dense: no top-k, or k covers the memory
             out = read_dense(flat["key"], flat["value"], query_key.flatten(2), mem_sq=flat["sq"])
             return out.reshape(b, k, cv, h, w)
-        sq = flat["sq"][..., 0]
         candidates = (flat["select_keys"], flat["select_sq"], flat["centre"])
-        out = read_top_k(flat["keys_t"], flat["values_t"], sq, query_key.flatten(2), self.top_k, candidates)
+        out = read_top_k(flat["keys_t"], flat["values_t"], flat["sq"], query_key.flatten(2), self.top_k, candidates)
         return out.transpose(1, 2).reshape(b, k, cv, h, w)
