@@ -286,7 +286,7 @@ def calibrate(
     import onnxruntime
 
     from scripts.annotations import read_label_map
-    from scripts.inferer import PropagationInferer
+    from scripts.inferer import ModelPropagator, PropagationInferer
     from scripts.memory import MemoryBank
     from scripts.readers import open_video
     from scripts.runtime import DECODE_IO, KEY_IO, DecodeStep, KeyStep, RuntimeNetwork, onnx_bytes
@@ -331,14 +331,12 @@ def calibrate(
 
         recorder = Recorder(network, "torch")
         memory = functools.partial(MemoryBank, mem_size=mem_size, top_k=top_k)
-        inferer = PropagationInferer(memory, mem_every=mem_every, device="cpu", amp=False)
+        # the inference job's propagator: label values to objects 1..K, frames in, the network sized to fit
+        propagator = ModelPropagator(recorder, PropagationInferer(memory, mem_every=mem_every, device="cpu", amp=False))
         for sequence in sequences:
             labels = read_label_map(sequence.masks[0])
-            values = np.unique(labels)
-            values = values[values > 0]
-            if not len(values):
+            if not labels.any():
                 continue
-            dense = torch.from_numpy((np.searchsorted(values, labels) + 1) * (labels > 0))  # objects 1..K
             source = open_video(sequence.frames[0].parent)
             steps = len(source) - 1  # propagated frames after the annotated frame 0
             # key calls: 0 the annotated frame (pinned), then one per propagated frame; decode calls: one per frame
@@ -346,12 +344,7 @@ def calibrate(
             chosen.clear()
             calls.update(key=0, decode=0)
             chosen.update(picks)
-
-            def get_frame(t: int, source=source) -> torch.Tensor:
-                frame = np.require(source[t], np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
-                return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
-
-            for _ in inferer.propagate(recorder, get_frame, len(source), {0: dense}):
+            for _ in propagator.propagate(source, {0: labels}):
                 pass
             if picks:
                 used.append(sequence.key)
