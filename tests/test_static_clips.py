@@ -45,7 +45,7 @@ def write_still(folder: Path, name: str, label: int, colour: tuple[int, int, int
 def stills(tmp_path_factory: pytest.TempPathFactory) -> list[StaticImage]:
     folder = tmp_path_factory.mktemp("stills") / "polyps"
     write_still(folder, "a", 1, COLOURS[1], (20, 60, 30, 80))
-    write_still(folder, "b", 1, COLOURS[2], (40, 80, 60, 100))
+    write_still(folder, "c", 1, COLOURS[2], (40, 80, 60, 100))  # ids not held out (`held_out`): both train
     return list_static_images(str(folder))
 
 

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Prepared for the next lease of a lent GPU (issue 10; written in session 3, NOT yet run: no GPU was lent then).
+# Prepared for the next lease of a lent GPU (issue 10; written in session 3, not yet run on a GPU: none was lent in
+# sessions 3-5). Session 5 ran it end to end on the 2-core CPU machine with STATIC=40 VIDEO=40 (every stage trained,
+# checkpoints chained, fp16 weights written; evaluations hit their 120 s timeouts there, base_video ran out of RAM).
 # One command of at most 10 minutes: the generalization recipe for lite and base side by side, then evaluation.
-#   1. static-image stage (train.json + pretrain_static.json): stills of the training split + Kvasir-SEG, synthetic
+#   1. static-image stage (train.json + pretrain_static.json): stills of the training split + 4/5 of Kvasir-SEG, synthetic
 #      motion and copy-paste, STATIC seconds;
 #   2. video stage (train.json): 3 -> 6-frame clips, memory on the inference schedule, from stage 1, VIDEO seconds;
 #   3. the contrastive ablation of stage 2 for lite (same clips, --use_contrastive true);
-#   4. evaluation of every result on the val splits, at full resolution; fp16 weights back in $OUT, lite first.
+#   4. evaluation of every result on the val splits, at full resolution, and on unseen-object clips made from the
+#      held-out fifth of Kvasir-SEG (scripts.heldout_clips; synthetic motion); fp16 weights back in $OUT, lite first.
 # Expects, beside the working tree (carry both): .whl/ (monai, pytorch-ignite, nibabel, fire, termcolor and the
 # efficientnet-lite0/lite2 wheels for the GPU host's Python) and .devdata/ packed by scripts.pack_data:
-#   cd bundle && python -m scripts.pack_data ../../shared/data/cvc_clinicdb ../.devdata/cvc_clinicdb --short-side 288
-#   cd bundle && python -m scripts.pack_data ../../shared/data/vocalfolds ../.devdata/vocalfolds --short-side 320
-#   cd bundle && python -m scripts.pack_data ../../shared/data/kvasir_seg ../.devdata/kvasir_seg --short-side 288
+#   cd bundle && python -m scripts.pack_data ../../shared/data/cvc_clinicdb ../.devdata/cvc_clinicdb --short-side 288 --quality 80
+#   cd bundle && python -m scripts.pack_data ../../shared/data/vocalfolds ../.devdata/vocalfolds --short-side 288 --quality 80
+#   cd bundle && python -m scripts.pack_data ../../shared/data/kvasir_seg ../.devdata/kvasir_seg --short-side 224 --quality 75
+# (session 5: .whl without the lite0 wheel, which only --pretrained true for lite needs; tracked tree 9.2 MB + .whl
+# 28.2 MB + .devdata 26.0 MB = 63.4 MB, under 64 MiB.)
 set -u
 STATIC=${STATIC:-150} VIDEO=${VIDEO:-200} DATA_DIR=${DATA_DIR:-.devdata}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 PYTHONWARNINGS="ignore:parsing config_file:UserWarning:monai.bundle.scripts"
@@ -18,6 +23,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD/bundle
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+HELDOUT=/tmp/heldout/kvasir_seg  # CPU work while the GPU trains; the same clips for every model
+python3 -m scripts.heldout_clips $DATA_DIR/kvasir_seg $HELDOUT --clips 60 --frames 20 --size 224 > "$OUT/heldout.log" 2>&1 &
 META=bundle/configs/metadata.json
 DATA=$DATA_DIR/cvc_clinicdb,$DATA_DIR/vocalfolds
 STATIC_CFG="['bundle/configs/train.json','bundle/configs/pretrain_static.json']"
@@ -44,13 +51,14 @@ stage lite bundle/models/model.pt --learning_rate 0.0003 &
 stage base "" --learning_rate 0.0005 --freeze_stride4 false &
 wait
 
-evaluate() {  # name, variant, checkpoint, dataset root
-    local ds; ds=$(basename "$4")
+evaluate() {  # name, variant, checkpoint, dataset root (the val split of a data root; every held-out clip)
+    local ds split="--split val"; ds=$(basename "$4")
+    [ "$4" = "$HELDOUT" ] && ds=heldout_kvasir split=""
     timeout 120 python3 -m monai.bundle run evaluating --meta_file $META --config_file bundle/configs/evaluate.json \
-        --dataset_dir "$4" --split val --ckpt_path "$3" --variant "$2" --output_dir "/tmp/eval/$1_$ds" \
+        --dataset_dir "$4" $split --ckpt_path "$3" --variant "$2" --output_dir "/tmp/eval/$1_$ds" \
         > "/tmp/eval_$1_$ds.log" 2>&1
 }
-for root in $DATA_DIR/cvc_clinicdb $DATA_DIR/vocalfolds; do
+for root in $DATA_DIR/cvc_clinicdb $DATA_DIR/vocalfolds $HELDOUT; do
     evaluate shipped lite bundle/models/model.pt $root &
     for name in lite_static lite_video lite_video_con; do
         evaluate $name lite /tmp/$name/checkpoints/checkpoint_final.pt $root &

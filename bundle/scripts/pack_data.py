@@ -42,7 +42,7 @@ def _shrink(frame: Path, mask: Path, short_side: int) -> tuple[Image.Image, Imag
 
 def pack_images(source: Path, target: Path, short_side: int, quality: int) -> int:
     """Pack an image/mask folder (``images/``, ``masks/``) as ``pack`` packs a DAVIS root; returns the image count."""
-    stills = list_static_images(str(source))
+    stills = list_static_images(str(source), part="all")
     with staged_output(target, ("images", "masks")) as staging:
         for kind in ("images", "masks"):
             (staging / kind).mkdir()

@@ -19,6 +19,7 @@ Items have ``ClipDataset``'s layout, so the training step is the same for both s
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,17 @@ from .annotations import read_label_map
 from .data import CLIP_TRIES, FRAME_SUFFIXES, list_sequences, remap_objects, short_side_shape
 from .errors import InputError
 
-__all__ = ["RandHueShiftd", "RandSpecularHighlightsd", "StaticImage", "StaticClipDataset", "list_static_images"]
+__all__ = [
+    "RandHueShiftd",
+    "RandSpecularHighlightsd",
+    "StaticImage",
+    "StaticClipDataset",
+    "held_out",
+    "list_static_images",
+]
+
+# one still in this many of an image/mask folder is held out of training (`held_out`)
+HELD_OUT_EVERY = 5
 
 # NTSC YIQ: hue is the angle in the I-Q plane, so a hue shift is a rotation there
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -52,13 +63,26 @@ class StaticImage:
     mask: Path
 
 
+def held_out(image_id: str) -> bool:
+    """Whether a still of an image/mask folder is held out of training: one in ``HELD_OUT_EVERY``, chosen by a hash
+    of its id, so the choice needs no list, does not depend on which other stills are present, and is the same on
+    every machine (the held-out stills make the unseen-object clips of ``heldout_clips``)."""
+    return int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0
+
+
 def list_static_images(
     image_dirs: str | Iterable[str] = (),
     davis_roots: str | Iterable[str] = (),
     split_file: str | Path | None = None,
+    part: str = "train",
 ) -> list[StaticImage]:
     """Stills from image/mask folders (``<dir>/images/<id>.*`` + ``<dir>/masks/<id>.png``) and every frame of the
-    training split of DAVIS roots (comma-separated strings are accepted, as in the configs)."""
+    training split of DAVIS roots (comma-separated strings are accepted, as in the configs).
+
+    ``part`` picks the folders' stills: ``train`` those not `held_out` (the static stage), ``heldout`` only the held-out
+    ones (DAVIS roots give none: their held-out part is the val split), ``all`` every still (packing)."""
+    if part not in ("train", "heldout", "all"):
+        raise ValueError(f"part must be train, heldout or all, got {part!r}")
     found: list[StaticImage] = []
     for folder in _split(image_dirs):
         root = Path(folder)
@@ -69,11 +93,14 @@ def list_static_images(
             mask = masks / f"{image.stem}.png"
             if not mask.is_file():
                 raise InputError(f"{mask}: mask missing for {image}")
-            found.append(StaticImage(root.name, image, mask))
-    roots = _split(davis_roots)
+            if part == "all" or held_out(image.stem) == (part == "heldout"):
+                found.append(StaticImage(root.name, image, mask))
+    roots = _split(davis_roots) if part != "heldout" else []
     if roots:
         for seq in list_sequences(roots, "train", split_file):
             found += [StaticImage(seq.key, f, m) for f, m in zip(seq.frames, seq.masks)]
+    if not found and part == "heldout":
+        raise InputError(f"no held-out still in {image_dirs}: one in {HELD_OUT_EVERY} image ids is held out (by hash)")
     if not found:
         raise InputError("no static training image found: give image folders (images/, masks/) or DAVIS roots")
     return found
