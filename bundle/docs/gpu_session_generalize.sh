@@ -7,8 +7,12 @@
 #      motion and copy-paste, STATIC seconds;
 #   2. video stage (train.json): 3 -> 6-frame clips, memory on the inference schedule, from stage 1, VIDEO seconds;
 #   3. the contrastive ablation of stage 2 for lite (same clips, --use_contrastive true);
+#   3b. lite_avg: the shipped weights and lite_video's averaged half and half (session 5's CPU runs: an average kept
+#      most of the held-out gain of the static stage and most of the val accuracy of the shipped weights);
 #   4. evaluation of every result on the val splits, at full resolution, and on unseen-object clips made from the
 #      held-out fifth of Kvasir-SEG (scripts.heldout_clips; synthetic motion); fp16 weights back in $OUT, lite first.
+# Which lite weights ship (decided before the run): among lite_video, lite_avg and lite_video_con, those that beat
+# the shipped weights on both val splits; of those, the best on the held-out clips. None: the shipped ones stay.
 # Expects, beside the working tree (carry both): .whl/ (monai, pytorch-ignite, nibabel, fire, termcolor and the
 # efficientnet-lite0/lite2 wheels for the GPU host's Python) and .devdata/ packed by scripts.pack_data:
 #   cd bundle && python -m scripts.pack_data ../../shared/data/cvc_clinicdb ../.devdata/cvc_clinicdb --short-side 288 --quality 80
@@ -50,6 +54,11 @@ stage() {  # variant, init weights (or ''), then extra flags
 stage lite bundle/models/model.pt --learning_rate 0.0003 &
 stage base "" --learning_rate 0.0005 --freeze_stride4 false &
 wait
+mkdir -p /tmp/lite_avg/checkpoints  # shipped and lite_video weights, half each (fixed before any evaluation)
+python3 -c "import torch; a = torch.load('bundle/models/model.pt', map_location='cpu'); \
+    b = torch.load('/tmp/lite_video/checkpoints/checkpoint_final.pt', map_location='cpu')['network']; \
+    torch.save({'network': {k: (a[k].float() + b[k].float()).div(2).to(a[k].dtype) if a[k].is_floating_point() \
+    else b[k] for k in a}}, '/tmp/lite_avg/checkpoints/checkpoint_final.pt')"
 
 evaluate() {  # name, variant, checkpoint, dataset root (the val split of a data root; every held-out clip)
     local ds split="--split val"; ds=$(basename "$4")
@@ -60,13 +69,13 @@ evaluate() {  # name, variant, checkpoint, dataset root (the val split of a data
 }
 for root in $DATA_DIR/cvc_clinicdb $DATA_DIR/vocalfolds $HELDOUT; do
     evaluate shipped lite bundle/models/model.pt $root &
-    for name in lite_static lite_video lite_video_con; do
+    for name in lite_static lite_video lite_video_con lite_avg; do
         evaluate $name lite /tmp/$name/checkpoints/checkpoint_final.pt $root &
     done
     for name in base_static base_video; do evaluate $name base /tmp/$name/checkpoints/checkpoint_final.pt $root & done
 done
 wait
-for name in lite_video lite_video_con base_video lite_static base_static; do  # fp16 network weights, lite first
+for name in lite_video lite_avg lite_video_con base_video lite_static base_static; do  # fp16 weights, lite first
     python3 -c "import torch; s = torch.load('/tmp/$name/checkpoints/checkpoint_final.pt', map_location='cpu')['network']; \
         torch.save({k: v.half() if v.is_floating_point() else v for k, v in s.items()}, '$OUT/${name}_fp16.pt')"
 done
