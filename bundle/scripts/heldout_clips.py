@@ -62,7 +62,7 @@ def write_heldout_clips(
     overwrite: bool = False,
 ) -> int:
     """Write ``clips`` clips of ``frames`` frames (``size``² JPEG frames, uint8 PNG label maps, every frame
-        annotated) and a ``meta.json`` under ``target``; nothing is written unless all of it is, and earlier clips there
+    annotated) and a ``meta.json`` under ``target``; nothing is written unless all of it is, and earlier clips there
     are replaced only with ``overwrite``. Returns the frame count."""
     dataset = heldout_dataset(image_dirs, clips, frames, size, max_objects, seed)
     meta = {
