@@ -100,7 +100,7 @@ def test_heldout_clips_layout_and_content(stills: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="already holds results"):
         write_heldout_clips(str(stills), target, clips=4, frames=3, size=48, seed=6)
     assert (target / "Annotations" / "clip000" / "00000.png").read_bytes() == before
-    write_heldout_clips(str(stills), target, clips=2, frames=3, size=48, seed=6, overwrite=True)
+    main([str(stills), str(target), "--clips", "2", "--frames", "3", "--size", "48", "--overwrite", "true"])
     assert [s.name for s in list_sequences(target)] == ["clip000", "clip001"]
 
 

@@ -23,6 +23,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from scripts.errors import InputError
+from scripts.flags import as_bool
 from scripts.outputs import staged_output
 from scripts.static_clips import HELD_OUT_EVERY, StaticClipDataset, list_static_images
 
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=320, help="frame side in pixels (>= 32)")
     parser.add_argument("--max-objects", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace clips this command wrote there before")
+    parser.add_argument(  # `--overwrite` or `--overwrite true`, as the bundle's jobs and their error messages spell it
+        "--overwrite", type=as_bool, nargs="?", const=True, default=False, help="replace clips written there before"
+    )
     args = parser.parse_args(argv)
     if args.clips < 1 or args.frames < 2 or args.size < 32 or not 1 <= args.max_objects <= 255:
         parser.error("--clips must be >= 1, --frames >= 2, --size >= 32 and --max-objects in 1..255")
