@@ -229,6 +229,14 @@ def clip_transforms(crop_size: int) -> Compose:
     )
 
 
+def store(storage_transforms: Compose | None, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """The finished clip (T×3×H×W in [0, 1]) through ``storage_transforms`` seeded with ``seed`` (both datasets)."""
+    if storage_transforms is None:
+        return image
+    storage_transforms.set_random_state(seed=seed)
+    return convert_to_tensor(storage_transforms({"image": image})["image"], track_meta=False).float().clamp(0, 1)
+
+
 def remap_objects(label: torch.Tensor, objects: Iterable[int]) -> torch.Tensor:
     """Label values → object numbers: ``objects[i]`` becomes i + 1, every other value 0 (background)."""
     objects = [int(k) for k in objects]
@@ -250,6 +258,8 @@ class ClipDataset(torch.utils.data.Dataset):
     ``cache`` keeps decoded frames in memory (per worker process), since JPEG decoding dominates the cost of a clip.
     ``transforms`` (the augmentation ``train.json`` declares) get the clip stacked along channels (see
     ``clip_transforms``); without them clips are only resized and centre-cropped to ``crop_size``.
+    ``storage_transforms`` get the finished clip (``image`` T×3×H×W): how a video is stored
+    (``storage_augment``), after every other change, as a codec comes after the camera.
     """
 
     def __init__(
@@ -263,6 +273,7 @@ class ClipDataset(torch.utils.data.Dataset):
         seed: int = 0,
         cache: bool = True,
         transforms: Compose | None = None,
+        storage_transforms: Compose | None = None,
     ) -> None:
         if not sequences:
             raise ValueError("ClipDataset needs at least one sequence (check the data roots and the split)")
@@ -275,6 +286,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.num_frames, self.max_gap, self.max_objects = num_frames, max_gap, max_objects
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.transforms = transforms or clip_transforms(crop_size)
+        self.storage_transforms = storage_transforms
         self.cache: dict[Path, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -326,6 +338,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise IndexError(f"clip index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, index])
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
+        storage_seed = int(rng.integers(2**31))
         for _ in range(CLIP_TRIES):
             sequences = self.by_dataset[self.datasets[rng.integers(len(self.datasets))]]
             seq = sequences[rng.integers(len(sequences))]
@@ -345,8 +358,9 @@ class ClipDataset(torch.utils.data.Dataset):
             image, label, num_objects = self._augment(image, torch.from_numpy(labels).float(), chosen)
             if num_objects:
                 size = image.shape[-2:]
+                image = image.reshape(t, 3, *size).clamp_(0, 1)
                 return {
-                    "image": image.reshape(t, 3, *size).clamp_(0, 1),
+                    "image": store(self.storage_transforms, image, storage_seed),
                     "label": label.reshape(t, 1, *size),
                     "frame_index": torch.as_tensor(indices, dtype=torch.int64),
                     "num_objects": num_objects,

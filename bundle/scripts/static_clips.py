@@ -34,7 +34,7 @@ from monai.utils import convert_to_tensor
 from PIL import Image
 
 from .annotations import read_label_map
-from .data import CLIP_TRIES, FRAME_SUFFIXES, list_sequences, remap_objects, short_side_shape
+from .data import CLIP_TRIES, FRAME_SUFFIXES, list_sequences, remap_objects, short_side_shape, store
 from .errors import InputError
 
 __all__ = [
@@ -203,6 +203,7 @@ class StaticClipDataset(torch.utils.data.Dataset):
         load_size: int = 320,
         seed: int = 0,
         cache: bool = True,
+        storage_transforms: Compose | None = None,
     ) -> None:
         if not images:
             raise ValueError("StaticClipDataset needs at least one image")
@@ -220,6 +221,7 @@ class StaticClipDataset(torch.utils.data.Dataset):
             load_size,
             seed,
         )
+        self.storage_transforms = storage_transforms
         self.cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -297,6 +299,7 @@ class StaticClipDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         self.clip_transforms.set_random_state(seed=int(rng.integers(2**31)))
         self.frame_transforms.set_random_state(seed=int(rng.integers(2**31)))
+        storage_seed = int(rng.integers(2**31))
         for _ in range(CLIP_TRIES):
             still = self._draw(rng)
             image, label = self._load(still)
@@ -325,7 +328,7 @@ class StaticClipDataset(torch.utils.data.Dataset):
                 continue
             chosen = rng.permutation(objects)[: self.max_objects]
             return {
-                "image": torch.stack(frames),
+                "image": store(self.storage_transforms, torch.stack(frames), storage_seed),
                 "label": remap_objects(label, chosen),
                 "frame_index": torch.arange(self.num_frames, dtype=torch.int64),
                 "num_objects": len(chosen),
