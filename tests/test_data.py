@@ -210,6 +210,12 @@ def test_split_file_covers_shared_data(shared_data: Path) -> None:
     for dataset in ("cvc_clinicdb", "vocalfolds"):
         val = [k for k in keys if k.startswith(dataset) and split[k] == "val"]
         assert 0 < len(val) < len([k for k in keys if k.startswith(dataset)])
+    # DAVIS 2016 keeps its own published split, so its val sequences (a yardstick with peer numbers) never train
+    davis = json.loads((shared_data / "davis2016" / "meta.json").read_text())["splits"]
+    for name in ("train", "val"):
+        assert {k for k, v in split.items() if k.startswith("davis2016/") and v == name} == {
+            f"davis2016/{s}" for s in davis[name]
+        }
 
 
 def test_pack_data_shrinks_frames_keeps_labels_and_never_overwrites(davis: tuple[Path, Path], tmp_path: Path) -> None:

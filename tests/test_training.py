@@ -141,13 +141,14 @@ def test_boolean_flags_given_as_strings_mean_what_they_say(data: SimpleNamespace
             pretrained="false",
         )
     )
-    assert [type(h).__name__ for h in wf.parser.get_parsed_content("train#checkpoint_handlers")] == ["CheckpointSaver"]
+    savers = ["CheckpointSaver", "CheckpointSaver"]  # the run's checkpoints, the averaged weights
+    assert [type(h).__name__ for h in wf.parser.get_parsed_content("train#checkpoint_handlers")] == savers
     assert wf.parser.get_parsed_content("train#step").use_contrastive is False
     assert wf.parser.get_parsed_content("roots") == [str(data.root)]
     assert all(p.requires_grad for p in wf.parser.get_parsed_content("network").key_encoder.stem.parameters())
     on = workflow(tiny(data, tmp_path, resume="true", use_contrastive="true", freeze_stride4="true"))
     assert [type(h).__name__ for h in on.parser.get_parsed_content("train#checkpoint_handlers")] == [
-        "CheckpointSaver",
+        *savers,
         "CheckpointLoader",
     ]
     assert on.parser.get_parsed_content("train#step").use_contrastive is True
@@ -373,13 +374,17 @@ def test_checkpoint_outputs(local_run: Path) -> None:
         "checkpoint_final.pt",
         "checkpoint_iteration=2.pt",
         "model_best.pt",
+        "model_ema.pt",
     ]
     final = torch.load(ckpt / "checkpoint_final.pt", weights_only=True, map_location="cpu")
-    assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer", "best_tracker"}
+    assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer", "best_tracker", "weight_average"}
     assert final["trainer"]["iteration"] == 3
     best = torch.load(ckpt / "model_best.pt", weights_only=True, map_location="cpu")
     network = TCMN("lite", pretrained=False, freeze_stride4=True)
     network.load_state_dict(best, strict=True)
+    ema = torch.load(ckpt / "model_ema.pt", weights_only=True, map_location="cpu")
+    network.load_state_dict(ema, strict=True)  # the averaged weights are a plain state dict too
+    assert all(torch.equal(ema[k], v) for k, v in final["weight_average"].items())
 
 
 def free_port() -> int:
