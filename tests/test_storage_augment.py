@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
+from PIL import Image
 
-from conftest import REPO
 from scripts.data import ClipDataset, Sequence
 from scripts.storage_augment import RandCompressiond, RandGrayscaled, jpeg_round_trip, video_round_trip
 
@@ -55,9 +56,10 @@ def test_video_round_trip_is_a_real_codec() -> None:
     high = video_round_trip(frames, "libx264", 5_000_000)
     err = [np.abs(v.astype(int) - frames).mean() for v in (low, high)]
     assert err[1] < err[0]  # more bits, fewer artefacts
-    assert np.abs(jpeg_round_trip(frames, 95).astype(int) - frames).mean() < np.abs(
-        jpeg_round_trip(frames, 30).astype(int) - frames
-    ).mean()
+    assert (
+        np.abs(jpeg_round_trip(frames, 95).astype(int) - frames).mean()
+        < np.abs(jpeg_round_trip(frames, 30).astype(int) - frames).mean()
+    )
 
 
 def test_unknown_codec_is_refused() -> None:
@@ -84,8 +86,6 @@ def test_train_json_declares_storage_augmentation_for_both_stages(tmp_path) -> N
     static = ConfigParser()
     static.read_config([str(REPO / "bundle" / "configs" / p) for p in ("train.json", "pretrain_static.json")])
     assert static["train#dataset"]["storage_transforms"] == "@train#storage_transforms"
-    from PIL import Image
-
     root = tmp_path / "d"
     (root / "JPEGImages" / "s").mkdir(parents=True)
     (root / "Annotations" / "s").mkdir(parents=True)
@@ -93,7 +93,9 @@ def test_train_json_declares_storage_augmentation_for_both_stages(tmp_path) -> N
     for i, f in enumerate(frames):
         Image.fromarray(f).save(root / "JPEGImages" / "s" / f"{i:05d}.png")
         Image.fromarray((f[..., 0] > 200).astype(np.uint8)).save(root / "Annotations" / "s" / f"{i:05d}.png")
-    seq = Sequence("d", "s", sorted((root / "JPEGImages" / "s").iterdir()), sorted((root / "Annotations" / "s").iterdir()))
+    seq = Sequence(
+        "d", "s", sorted((root / "JPEGImages" / "s").iterdir()), sorted((root / "Annotations" / "s").iterdir())
+    )
     clean = ClipDataset([seq], crop_size=64, seed=1)
     stored = ClipDataset([seq], crop_size=64, seed=1, storage_transforms=storage)
     a, b, c = clean[0], stored[0], stored[0]
