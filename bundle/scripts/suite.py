@@ -71,6 +71,7 @@ BUNDLE = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE / "configs"
 CACHE_VERSION = 1  # bump when a generated set's content changes for the same settings
 LEVEL = 0.95
+RESAMPLES = 2000
 DROP_TARGET = 0.03  # issue 20: a stored set may lose at most this much J&F against the lossless frames
 
 
@@ -88,9 +89,9 @@ class Storage:
 
 FPS = 25  # the frame rate the videos are encoded at: with the bit rate, it sets the bits each frame gets
 STORAGE = {
-    # 0.35 bit per pixel per frame is what OpenCV's VideoWriter ('XVID', 'mp4v') wrote for cvc01 (0.36)
+    # 0.35 bit per pixel per frame: about what OpenCV's VideoWriter ('XVID', 'mp4v') writes (model card, Suite)
     "avi": Storage("MPEG-4 part 2 (mpeg4) in AVI, 0.35 bit/pixel/frame, GOP 12", "mpeg4", "avi", 0.35),
-    # 0.1 bit per pixel per frame: 276 kbit/s at 384×288 and 655 kbit/s at 512×512, 25 frames/s
+    # 0.1 bit per pixel per frame: 276 kbit/s at 384×288 and 655 kbit/s at 512×512, 25 frames/s (a low rate)
     "h264": Storage("H.264 (libx264) in MP4 at low bit rate, 0.1 bit/pixel/frame", "libx264", "mp4", 0.1),
     "jpeg30": Storage("JPEG series, quality 30 (4:2:0)", jpeg_quality=30),
     "grey": Storage("greyscale PNG series (ITU-R 601 luma)", grey=True),
@@ -393,7 +394,11 @@ def per_sequence(metrics: Mapping, s: SuiteSet) -> tuple[np.ndarray, np.ndarray,
 
 
 def summarise(
-    sets: Sequence[SuiteSet], metrics: Mapping[str, Mapping], resamples: int, seed: int, level: float = LEVEL
+    sets: Sequence[SuiteSet],
+    metrics: Mapping[str, Mapping],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
 ) -> dict:
     """Everything the suite reports, from each side's metrics.json (``candidate``, optionally ``baseline``)."""
     sides = list(metrics)
@@ -509,7 +514,8 @@ def _sets(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{','.join(unknown) or value!r}: sets are {', '.join(SETS)}")
+        named = ",".join(unknown) if unknown else repr(value)
+        raise argparse.ArgumentTypeError(f"{named}: sets are {', '.join(SETS)}")
     return names
 
 
@@ -535,7 +541,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split_file", type=Path, default=CONFIGS / "splits.json", help="val of cvc and vocalfolds")
     parser.add_argument("--eval_args", default="", help='extra evaluation flags for both weights, e.g. "--size 256"')
     parser.add_argument("--baseline_eval_args", help="extra evaluation flags for --compare (default: --eval_args)")
-    parser.add_argument("--resamples", type=_positive, default=2000, help="bootstrap resamples")
+    parser.add_argument("--resamples", type=_positive, default=RESAMPLES, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--overwrite", type=as_bool, default=False, help="replace the outputs of an earlier suite")
     args = parser.parse_args(argv)
@@ -566,7 +572,7 @@ def _eval_args(parser: argparse.ArgumentParser, flag: str, text: str | Sequence[
     not know (their values are checked by the evaluation, as for any evaluation command)."""
     from monai.bundle import ConfigParser
 
-    from scripts.flags import monai_options, read_command_line
+    from scripts.flags import read_command_line
 
     try:
         tokens = shlex.split(text) if isinstance(text, str) else list(text)
@@ -575,15 +581,13 @@ def _eval_args(parser: argparse.ArgumentParser, flag: str, text: str | Sequence[
     config = ConfigParser(ConfigParser.load_config_file(str(CONFIGS / "evaluate.json")))
     line = read_command_line(["evaluating", *tokens])
     names = [*line.overrides, *(n for n in line.options if n != "run_id")]
-    own = [n for n in names if n in SUITE_FLAGS or n in ("meta_file", "config_file")]
+    own = [n for n in names if n in SUITE_FLAGS or n in ("meta_file", "config_file", "args_file")]
     if own:
         parser.error(f"--{flag}: {', '.join('--' + n for n in own)} is set by the suite")
     unknown = [n for n in line.overrides if n not in config["flags"] and not _in_config(config, n)]
-    if unknown or len(line.options) > 1 or (line.options and "run_id" not in line.options):
-        bad = unknown or [n for n in line.options if n not in monai_options() or n == "run_id"]
-        parser.error(
-            f"--{flag}: {', '.join('--' + str(n) for n in bad) or text!r}: not an evaluation flag (--help of evaluating lists them)"
-        )
+    if unknown:
+        named = ", ".join(f"--{n}" for n in unknown)
+        parser.error(f"--{flag}: {named}: not an evaluation flag (--help of evaluating lists them)")
     return tokens
 
 
