@@ -201,13 +201,16 @@ def test_missing_data_is_skipped_with_a_reason(tiny_root: Path, tmp_path: Path) 
 )
 def test_bad_flags_end_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--output_dir", str(tmp_path / "out"), *args])
+        parse_args(["--output_dir", str(tmp_path / "out"), "--data_root", str(tmp_path), *args])
     text = str(exit_info.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text
 
 
 def test_stored_sets_bring_their_lossless_set(tmp_path: Path) -> None:
-    args = parse_args(["--output_dir", str(tmp_path), "--sets", "cvc_val@avi,davis_val", "--eval_args", "--size 256"])
+    args = parse_args(
+        ["--output_dir", str(tmp_path), "--data_root", str(tmp_path), "--sets", "cvc_val@avi,davis_val"]
+        + ["--eval_args", "--size 256"]
+    )
     assert args.sets == ["cvc_val", "davis_val", "cvc_val@avi"]
     assert args.eval_args == args.baseline_eval_args == ["--size", "256"]
 

@@ -64,7 +64,7 @@ from PIL import Image
 from scripts.data import list_sequences, load_split
 from scripts.errors import InputError
 from scripts.flags import as_bool
-from scripts.outputs import staged_output
+from scripts.outputs import prepare_output_dir, staged_output
 from scripts.static_clips import HELD_OUT_EVERY
 
 BUNDLE = Path(__file__).resolve().parents[1]
@@ -625,9 +625,8 @@ def _file_digest(path: Path) -> str:
 
 
 def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Check every input, make or find the generated sets, evaluate, and write the outputs (all or nothing)."""
     names = OUTPUTS + (BASELINE_OUTPUTS if args.compare else ())
-    from scripts.outputs import prepare_output_dir
-
     prepare_output_dir(args.output_dir, names, args.overwrite)  # refuse before any work
     _check_weights(args.ckpt_path, args.eval_args)
     if args.compare:
@@ -668,9 +667,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             },
             "skipped": skipped,
         }
-        summary = summarise(sets, metrics, args.resamples, args.seed)
-        report = {**report, **summary}
-        report["skipped"] = skipped
+        report.update(summarise(sets, metrics, args.resamples, args.seed))
         (staging / "suite.json").write_text(json.dumps(report, indent=1, allow_nan=False))
         table = markdown(report)
         (staging / "suite.md").write_text(table)
