@@ -246,3 +246,12 @@ def test_one_set_suite_on_the_sample_clip(tmp_path: Path) -> None:
         main([*common, "--output_dir", str(out)])
     assert "already holds results" in str(exit_info.value.code)
     assert (out / "suite.json").read_bytes() == before
+
+    # an earlier suite of the baseline serves as --compare without evaluating it again: same differences (zero)
+    reused = tmp_path / "reused"
+    again = main([*common, "--output_dir", str(reused), "--compare", str(out)])
+    assert again["sets"]["vocalfolds_val"]["difference"] == entry["difference"]
+    assert again["baseline"]["from"] == str(out) and not (reused / "eval_baseline").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--output_dir", str(tmp_path / "x"), "--compare", str(out), "--eval_args", "--size 256"])
+    assert "it was scored with" in str(exit_info.value.code)

@@ -528,7 +528,12 @@ def _positive(value: str) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = _Parser(prog="python -m scripts.suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", type=Path, default=BUNDLE / "models" / "model.pt", help="the weights scored")
-    parser.add_argument("--compare", type=Path, help="baseline weights: paired differences and the shipping verdict")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="baseline weights, or the output folder of an earlier suite of them (its scores are reused): paired "
+        "differences and the shipping verdict",
+    )
     parser.add_argument("--output_dir", type=Path, required=True, help="folder for suite.json, suite.md, eval*/")
     parser.add_argument("--sets", type=_sets, default=list(SETS), help=f"comma-separated, of: {', '.join(SETS)}")
     parser.add_argument("--data_root", type=Path, default=BUNDLE.parent.parent / "shared" / "data")
@@ -545,10 +550,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--overwrite", type=as_bool, default=False, help="replace the outputs of an earlier suite")
     args = parser.parse_args(argv)
-    for flag in ("ckpt_path", "compare"):
-        path = getattr(args, flag)
-        if path is not None and not path.is_file():
-            parser.error(f"--{flag} {path}: no such file")
+    if not args.ckpt_path.is_file():
+        parser.error(f"--ckpt_path {args.ckpt_path}: no such file")
+    if args.compare is not None and args.compare.is_dir():
+        for name in ("suite.json", "eval/metrics.json"):
+            if not (args.compare / name).is_file():
+                parser.error(f"--compare {args.compare}: a folder must be an earlier suite's output ({name} missing)")
+    elif args.compare is not None and not args.compare.is_file():
+        parser.error(f"--compare {args.compare}: no such file or folder")
     if not args.data_root.is_dir():
         parser.error(f"--data_root {args.data_root}: no such folder")
     if not args.split_file.is_file():
@@ -616,6 +625,25 @@ def _check_weights(path: Path, tokens: Sequence[str]) -> None:
         load_network_weights(TCMN(variant, pretrained=False), path, "cpu")
 
 
+def _scored(metrics: Mapping, s: SuiteSet) -> bool:
+    """Whether an evaluation's metrics hold every sequence of set ``s``."""
+    try:
+        per_sequence(metrics, s)
+    except KeyError:
+        return False
+    return True
+
+
+def _earlier_suite(folder: Path, eval_args: Sequence[str]) -> dict:
+    """An earlier suite's candidate (weights, digest, evaluation flags) and its metrics, to serve as the baseline
+    without evaluating it again; evaluation is deterministic, so the scores are those a new run would give."""
+    report = json.loads((folder / "suite.json").read_text())["candidate"]
+    if list(report["eval_args"]) != list(eval_args):
+        raise InputError(f"--compare {folder}: it was scored with {report['eval_args']}, not {list(eval_args)}")
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+    return {"report": {**report, "from": str(folder)}, "metrics": metrics}
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -626,10 +654,13 @@ def _file_digest(path: Path) -> str:
 
 def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """Check every input, make or find the generated sets, evaluate, and write the outputs (all or nothing)."""
-    names = OUTPUTS + (BASELINE_OUTPUTS if args.compare else ())
+    earlier = args.compare is not None and args.compare.is_dir()
+    names = OUTPUTS + (BASELINE_OUTPUTS if args.compare and not earlier else ())
     prepare_output_dir(args.output_dir, names, args.overwrite)  # refuse before any work
     _check_weights(args.ckpt_path, args.eval_args)
-    if args.compare:
+    if earlier:
+        baseline = _earlier_suite(args.compare, args.baseline_eval_args)
+    elif args.compare:
         _check_weights(args.compare, args.baseline_eval_args)
     load_split(args.split_file)  # a bad split file ends here, with its own line
     sets, skipped = prepare_sets(args.sets, args.data_root, args.cache_dir, args.split_file)
@@ -641,12 +672,17 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         split_path = staging / "suite_split.json"
         split_path.write_text(json.dumps(suite_split(sets), indent=1))
         sides = {"candidate": (args.ckpt_path, "eval", args.eval_args)}
-        if args.compare:
+        if args.compare and not earlier:
             sides["baseline"] = (args.compare, "eval_baseline", args.baseline_eval_args)
         metrics = {
             side: run_evaluation(ckpt, sets, split_path, staging / folder, staging / f"{folder}.log", extra)
             for side, (ckpt, folder, extra) in sides.items()
         }
+        if earlier:
+            metrics["baseline"] = baseline["metrics"]
+            missing = [s.name for s in sets if not _scored(metrics["baseline"], s)]
+            if missing:
+                raise InputError(f"--compare {args.compare}: the earlier suite did not score {', '.join(missing)}")
         report = {
             "command": shlex.join(["python", "-m", "scripts.suite", *argv]),
             "settings": {
@@ -665,6 +701,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 side: {"ckpt_path": str(ckpt), "sha256": _file_digest(ckpt), "eval_args": extra}
                 for side, (ckpt, _, extra) in sides.items()
             },
+            **({"baseline": baseline["report"]} if earlier else {}),
             "skipped": skipped,
         }
         report.update(summarise(sets, metrics, args.resamples, args.seed))
