@@ -3,16 +3,21 @@
 Every argument is checked when the job is built, and the output folder and its free space before propagation
 starts, so a bad flag never costs a propagation. Frames stream from the reader through the propagator into the
 writers one at a time; the outputs are staged and moved into place only when everything succeeded, so a failed run
-leaves nothing half-written, and only the job's own output names are ever replaced.
+leaves nothing half-written, and only the job's own output names are ever replaced. The DICOM SEG is the one output
+placed on its own, after the others: what it needs is checked before propagation, and should writing it still fail
+(a full disk, a file-size limit), the label series, PNGs and overlay are kept and the one `error:` line names the SEG.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from scripts.annotations import read_annotations
-from scripts.dicom_seg import SEG_SUFFIX, check_source, is_dicom, parse_labels, write_dicom_seg
+from scripts.dicom_seg import SEG_SUFFIX, build_dicom_seg, check_source, is_dicom, parse_labels, save_dicom_seg, trial_segmentation
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
 from scripts.outputs import LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
@@ -101,6 +106,7 @@ class Prediction:
             )
         self.name = video_name(self.video)
         self.label_names = parse_labels(labels)
+        self.dicom_default = save_dicom_seg is None  # a SEG by default (not asked for) that cannot be made is a note
         self.dicom_source = self._dicom_seg_source(save_dicom_seg)
         self.save_dicom_seg = self.dicom_source is not None
         self._check_inputs()
@@ -171,13 +177,29 @@ class Prediction:
             names.append(f"{self.name}_overlay.{self.overlay_format}")
         return names
 
+    def _check_dicom_seg(self, annotations: Mapping[int, object]) -> None:
+        """Before propagation: a trial SEG from the source headers with the annotations' label values, so a SEG that
+        cannot be written is refused now (asked for) or dropped with a note (by default), not found at the end."""
+        if not self.save_dicom_seg:
+            return
+        values = {int(v) for a in annotations.values() for v in np.unique(a)}
+        try:
+            trial_segmentation(self.dicom_source, values, self.label_names)
+        except InputError as exc:
+            if not self.dicom_default:
+                raise
+            print(f"note: no DICOM SEG written: {exc}")
+            self.save_dicom_seg, self.dicom_source = False, None
+
     def run(self) -> Path:
         """Run the job; returns the label series' path."""
-        names = self.output_names()
-        out = prepare_output_dir(self.output_dir, names, self.overwrite)  # refuse before any work is done
+        prepare_output_dir(self.output_dir, self.output_names(), self.overwrite)  # refuse before any work is done
         source = open_video(self.video)
         annotations = read_annotations(self.masks, self.frames, source.info)
-        info = source.info
+        self._check_dicom_seg(annotations)
+        names = [n for n in self.output_names() if not n.endswith(SEG_SUFFIX)]  # the SEG is placed on its own
+        out = self.output_dir.absolute()
+        info, seg = source.info, None
         need = estimate_output_bytes(info, self.save_png, self.overlay_format if self.save_overlay else None)
         detail = f"estimated from the {info.num_frames}×{info.height}×{info.width} label buffer and the outputs"
         with staged_output(out, names, self.overwrite, need_bytes=need, need_detail=detail) as staging:
@@ -190,10 +212,22 @@ class Prediction:
                         write_png_labels(staging / self.name, t, labels)
                 if self.save_overlay:  # from the writer's on-disk buffer: frames in order, never all in RAM
                     write_overlay(staging / names[-1], source, series.labels)
-                if self.save_dicom_seg:
-                    seg = staging / (self.name + SEG_SUFFIX)
-                    write_dicom_seg(seg, self.dicom_source, series.labels, self.label_names)
+                if self.save_dicom_seg:  # built now, while the labels are at hand; written once the others are placed
+                    seg = build_dicom_seg(self.dicom_source, series.labels, self.label_names)
         written = [str(out / n) + ("/ (PNG label maps)" if n == self.name else "") for n in names]
+        if seg is not None:
+            seg_name = self.name + SEG_SUFFIX
+            try:
+                with staged_output(out, [seg_name], self.overwrite) as staging:
+                    save_dicom_seg(seg, staging / seg_name)
+            except InputError as exc:
+                cause = str(exc).removeprefix(f"{out / seg_name}: ")
+                earlier = "; the earlier SEG is still there" if os.path.lexists(out / seg_name) else ""
+                raise InputError(
+                    f"{out / seg_name}: the DICOM SEG was not written ({cause}){earlier}; the other outputs were "
+                    f"written: {', '.join(written)}"
+                ) from exc
+            written.insert(1, str(out / seg_name))
         print(
             f"wrote {', '.join(written)}: {len(source)} frames propagated from annotated frame(s) {sorted(annotations)}"
         )
