@@ -43,10 +43,14 @@ def _check_names(names: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool) -> Path:
+OVERWRITE_HINT = "pass overwrite=True (--overwrite true)"  # how a command-line or Python user asks to overwrite
+
+
+def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool, hint: str = OVERWRITE_HINT) -> Path:
     """Check that ``path`` may receive the outputs ``names``; creates nothing.
 
-    A folder holding other files is fine: only an existing output of the job's own is refused, unless ``overwrite``.
+    A folder holding other files is fine: only an existing output of the job's own is refused, unless ``overwrite``;
+    the refusal tells how to ask for it with ``hint`` (the app's page has a box to tick instead of a flag).
     """
     path, names = Path(path).absolute(), _check_names(names)
     if path.exists() and not path.is_dir():
@@ -54,8 +58,8 @@ def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool) 
     existing = [name for name in names if os.path.lexists(path / name)]
     if existing and not overwrite:
         raise InputError(
-            f"{path}: output directory already holds results ({', '.join(existing)}); choose another or pass "
-            "overwrite=True (--overwrite true) to replace exactly those"
+            f"{path}: output directory already holds results ({', '.join(existing)}); choose another or {hint} to "
+            "replace exactly those"
         )
     return path
 
@@ -196,7 +200,7 @@ def _series_image(
     header = image.header
     header.set_qform(layout.qform, layout.qform_code)  # also sets pixdim[1:4] from the matrix: zooms come after
     header.set_sform(layout.sform, layout.sform_code)
-    header["pixdim"][1 : len(layout.zooms) + 1] = layout.zooms  # as the input had them, unvalidated like its own
+    header["pixdim"][1 : len(layout.zooms) + 1] = layout.zooms  # all of the input's, unvalidated like its own
     header.set_xyzt_units(*layout.units)
     return image
 

@@ -20,7 +20,7 @@ from scripts.annotations import read_annotations
 from scripts.dicom_seg import SEG_SUFFIX, build_dicom_seg, check_source, is_dicom, parse_labels, save_dicom_seg, trial_segmentation
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
-from scripts.outputs import LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
+from scripts.outputs import OVERWRITE_HINT, LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
 from scripts.overlay import write_overlay
 from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, VideoInfo, open_video, path_suffix
 
@@ -83,8 +83,10 @@ class Prediction:
         overwrite: bool | str = False,
         save_dicom_seg: bool | str | None = None,
         labels: str | Mapping[int, str] | None = None,
+        overwrite_hint: str = OVERWRITE_HINT,
     ) -> None:
-        """Every argument is checked here, so a bad one is refused before any video is opened."""
+        """Every argument is checked here, so a bad one is refused before any video is opened. ``overwrite_hint``
+        is how the refusal of existing results tells the user to ask for overwriting (the app: a box to tick)."""
         if not str(video or "").strip():
             raise InputError("--video: give the video to segment")
         if not str(output_dir or "").strip():
@@ -99,6 +101,7 @@ class Prediction:
         self.save_png = _flag("save_png", save_png)
         self.save_overlay = _flag("save_overlay", save_overlay)
         self.overwrite = _flag("overwrite", overwrite)
+        self.overwrite_hint = overwrite_hint
         self.overlay_format = str(overlay_format).strip().lower().lstrip(".")
         if self.overlay_format not in OVERLAY_FORMATS:
             raise InputError(
@@ -193,7 +196,7 @@ class Prediction:
 
     def run(self) -> Path:
         """Run the job; returns the label series' path."""
-        prepare_output_dir(self.output_dir, self.output_names(), self.overwrite)  # refuse before any work is done
+        prepare_output_dir(self.output_dir, self.output_names(), self.overwrite, self.overwrite_hint)  # before any work
         source = open_video(self.video)
         annotations = read_annotations(self.masks, self.frames, source.info)
         self._check_dicom_seg(annotations)
