@@ -173,6 +173,7 @@ def build_dicom_seg(datasets: list, labels: np.ndarray, names: Mapping[int, str]
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    labels = np.asarray(labels, np.uint8)  # a writer's frames, read back once
     frames, rows, columns = _frames(datasets), int(datasets[0].Rows), int(datasets[0].Columns)
     if labels.shape != (frames, rows, columns):
         raise ValueError(f"labels are {labels.shape} (T×H×W) but the source has {frames}×{rows}×{columns}")
@@ -194,7 +195,7 @@ def build_dicom_seg(datasets: list, labels: np.ndarray, names: Mapping[int, str]
         )
         for number, value in enumerate(values, 1)
     ]
-    masks = np.stack([np.asarray(labels) == value for value in values], axis=-1)  # T×H×W×segments
+    masks = np.stack([labels == value for value in values], axis=-1)  # T×H×W×segments
     try:
         with _quiet_highdicom():
             seg = _segmentation(hd, datasets, masks, segments)
