@@ -443,3 +443,24 @@ def test_dicom_seg_and_flags_through_the_command_line(tmp_path: Path, checkpoint
         assert f"--{name} " in results["help"].stdout, name
     refused(results["typo"], "--save_seg", "did you mean --save_png?")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_batch_takes_progress_like_inference(tmp_path: Path, checkpoint: Path) -> None:
+    """`--progress true` (refused before) shows each video's propagation bar; `--progress maybe` is refused."""
+    datalist = write_datalist(tmp_path / "list", 1)
+    results = run_all(
+        {
+            "bar": bundle_command(
+                "batch_inference", "batch_inference.json", **batch(checkpoint, datalist, tmp_path / "out", progress=1)
+            ),
+            "bad": bundle_command(
+                "batch_inference",
+                "batch_inference.json",
+                **batch(checkpoint, datalist, tmp_path / "o", progress="maybe"),
+            ),
+        }
+    )
+    succeeded(results["bar"])
+    assert "propagating" in results["bar"].stderr and (tmp_path / "out" / "clip0" / "clip0_seg.nii.gz").is_file()
+    refused(results["bad"], "--progress maybe", "true or false")

@@ -108,7 +108,9 @@ def test_objects_start_on_the_frame_that_first_annotates_them(tmp_path, capsys):
     assert (alpha["1"]["first_frame"], [f["frame"] for f in alpha["1"]["frames"]]) == (0, [1, 2, 3, 4])
     assert (alpha["2"]["first_frame"], [f["frame"] for f in alpha["2"]["frames"]]) == (2, [3, 4])
     assert alpha["2"]["J"] > 0.5 and beta["J"] > 0.5  # the flow follows each object from its own start
-    assert list(metrics["failed"]) == ["tiny/gamma"] and "no frame annotates an object" in metrics["failed"]["tiny/gamma"]
+    assert (
+        list(metrics["failed"]) == ["tiny/gamma"] and "no frame annotates an object" in metrics["failed"]["tiny/gamma"]
+    )
     assert report["failed"] == metrics["failed"]
     preds = {t: np.asarray(Image.open(out / "pred" / "alpha" / f"{t:05d}.png")) for t in range(NUM_FRAMES)}
     assert [sorted(np.unique(preds[t])) for t in range(NUM_FRAMES)] == [[0, 1], [0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2]]

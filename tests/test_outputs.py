@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 import scripts.outputs
-from scripts.annotations import read_label_series
 from scripts.baselines import CopyFirstFrame
 from scripts.errors import InputError
 from scripts.outputs import LabelSeriesWriter, allocated_memmap, staged_output

@@ -156,7 +156,7 @@ def _where(datasets: list) -> Path:
 
 @contextmanager
 def _quiet_highdicom() -> Iterator[None]:
-    """highdicom logs every step of a build at INFO (nine lines per SEG); only its warnings are kept."""
+    """highdicom logs every step of a build at INFO (a screenful per SEG); only its warnings are kept."""
     logger = logging.getLogger("highdicom")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))

@@ -278,9 +278,9 @@ class LabelSeriesWriter:
     """Label maps of every frame -> one uint8 NIfTI series with the input's affine and fps.
 
     Frames arrive in propagation order (forward from the annotated frame, then backward) while the NIfTI stores them
-    in frame order, so they wait in a buffer file next to the output, each zlib-compressed (level 1): label maps shrink
-    about a hundredfold, so the run needs about the space of its outputs rather than a raw ``T×H×W`` buffer, and a
-    long series is never held in RAM. The buffer grows by ordinary writes, so a full disk or a file-size limit raises
+    in frame order, so they wait in a buffer file next to the output, each zlib-compressed (level 1): label maps
+    compress well, so the run needs about the space of its outputs rather than a raw ``T×H×W`` buffer, and a long
+    series is never held in RAM. The buffer grows by ordinary writes, so a full disk or a file-size limit raises
     ``OSError`` (naming the series) instead of killing the process with SIGBUS, as a write through a sparse memmap
     would. ``labels`` reads frames back (`LabelFrames`); `close` streams the NIfTI frame by frame, its header made by
     nibabel. Use as a context manager (an exception discards the series) or call ``close()`` after the last ``write``.

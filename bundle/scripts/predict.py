@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from scripts.annotations import read_annotations
-from scripts.dicom_seg import SEG_SUFFIX, build_dicom_seg, check_source, is_dicom, parse_labels, save_dicom_seg, trial_segmentation
+from scripts.dicom_seg import (
+    SEG_SUFFIX,
+    build_dicom_seg,
+    check_source,
+    is_dicom,
+    parse_labels,
+    save_dicom_seg,
+    trial_segmentation,
+)
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
 from scripts.outputs import OVERWRITE_HINT, LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
@@ -41,8 +49,7 @@ def video_name(path: str | Path) -> str:
 
 def label_frame_bytes(annotations: Mapping[int, np.ndarray]) -> int:
     """What one frame of labels is expected to take compressed: twice the largest annotation's zlib (level 1) size,
-    as propagated labels have rougher edges than a drawn annotation (on the sample clip they took 1.4 times as
-    much)."""
+    as propagated labels have rougher edges than a drawn annotation (the model card has the measured ratio)."""
     return 2 * max(len(zlib.compress(np.ascontiguousarray(a, np.uint8).tobytes(), 1)) for a in annotations.values())
 
 
@@ -58,7 +65,7 @@ def estimate_output_bytes(
 
     At the peak the staging folder holds the compressed label buffer and the NIfTI (``frame_bytes`` a frame each,
     from `label_frame_bytes`), the PNGs (as much, at least a filesystem block each) and the overlay (a quarter of a
-    byte per pixel and frame for MP4, a byte for GIF: above what the encoders wrote on the sample clip); a DICOM SEG
+    byte per pixel and frame for MP4, a byte for GIF); a DICOM SEG
     (``seg_segments`` segments) holds one bit per pixel, frame and segment.
     """
     frame, frames = info.height * info.width, info.num_frames
