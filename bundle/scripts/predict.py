@@ -229,7 +229,7 @@ class Prediction:
         self._check_dicom_seg(annotations)
         names = [n for n in self.output_names() if not n.endswith(SEG_SUFFIX)]  # the SEG is placed on its own
         out = self.output_dir.absolute()
-        info, seg = source.info, None
+        info, seg, seg_error = source.info, None, None
         frame_bytes = label_frame_bytes(annotations)
         segments = len({int(v) for a in annotations.values() for v in np.unique(a)} - {0}) if self.save_dicom_seg else 0
         overlay = self.overlay_format if self.save_overlay else None
@@ -246,11 +246,16 @@ class Prediction:
                 if self.save_overlay:  # from the writer's on-disk buffer: frames in order, never all in RAM
                     write_overlay(staging / names[-1], source, series.labels)
                 if self.save_dicom_seg:  # built now, while the labels are at hand; written once the others are placed
-                    seg = build_dicom_seg(self.dicom_source, series.labels, self.label_names)
+                    try:
+                        seg = build_dicom_seg(self.dicom_source, series.labels, self.label_names)
+                    except InputError as exc:  # what the trial did not foresee costs the SEG only
+                        seg_error = exc
         written = [str(out / n) + ("/ (PNG label maps)" if n == self.name else "") for n in names]
-        if seg is not None:
+        if self.save_dicom_seg:
             seg_name = self.name + SEG_SUFFIX
             try:
+                if seg_error is not None:
+                    raise seg_error
                 with staged_output(out, [seg_name], self.overwrite) as staging:
                     save_dicom_seg(seg, staging / seg_name)
             except InputError as exc:
