@@ -223,7 +223,8 @@ def test_propagate_correct_and_export_match_the_inference_job(
     np.testing.assert_allclose(seg.affine, AFFINE)
     assert seg.shape == source.shape
     response = client.post(f"/api/videos/{video['id']}/export", json=options)
-    refused(response, 400, str(out), "already holds results", "clip_seg.nii.gz")
+    refused(response, 400, str(out), "already holds results", "clip_seg.nii.gz", 'tick "overwrite earlier results"')
+    assert "--overwrite" not in response.json()["detail"]  # a page user has no flags to pass
     assert client.post(f"/api/videos/{video['id']}/export", json={**options, "overwrite": True}).status_code == 200
     assert sorted(p.name for p in out.iterdir()) == ["clip", "clip_overlay.mp4", "clip_seg.nii.gz", "notes.txt"]
     download = client.post(f"/api/videos/{video['id']}/export", json={"save_png": True})

@@ -367,15 +367,17 @@ def test_bad_datalist_is_refused_before_any_work(tmp_path: Path, checkpoint: Pat
 @pytest.mark.slow
 def test_evaluation_over_two_ranks_equals_one_process(tmp_path: Path, checkpoint: Path) -> None:
     """`multi_gpu_evaluate.json` layered on `evaluate.json` under torchrun with 2 CPU ranks: the same J&F (to 1e-6)
-    and per-sequence scores as one process, and the same predicted label maps."""
+    and per-sequence scores as one process, and the same predicted label maps; a sequence annotating nothing is
+    reported alike by both."""
     root = tmp_path / "echo"
-    for i in range(3):
+    for i in range(4):
         source = SyntheticEchoSource(FRAMES, HEIGHT, WIDTH, seed=10 + i)
         for folder in ("JPEGImages", "Annotations"):
             (root / folder / f"echo{i}").mkdir(parents=True)
         for t, frame in enumerate(source):
+            labels = source.labels(t) * (i < 3)  # echo3: no frame annotates anything
             Image.fromarray(frame).save(root / "JPEGImages" / f"echo{i}" / f"{t:05d}.png")
-            Image.fromarray(source.labels(t)).save(root / "Annotations" / f"echo{i}" / f"{t:05d}.png")
+            Image.fromarray(labels.astype(np.uint8)).save(root / "Annotations" / f"echo{i}" / f"{t:05d}.png")
     common = dict(dataset_dir=root, ckpt_path=checkpoint, device="cpu", size=48)
     layered = "['bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
     results = run_all(
@@ -389,6 +391,7 @@ def test_evaluation_over_two_ranks_equals_one_process(tmp_path: Path, checkpoint
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert two["J&F"] == pytest.approx(one["J&F"], abs=1e-6)
     assert two["num_sequences"] == one["num_sequences"] == 3
+    assert list(one["failed"]) == ["echo/echo3"] and two["failed"] == one["failed"]
     for name, scores in one["sequences"].items():
         assert two["sequences"][name]["J&F"] == pytest.approx(scores["J&F"], abs=1e-6)
         np.testing.assert_array_equal(
@@ -443,3 +446,24 @@ def test_dicom_seg_and_flags_through_the_command_line(tmp_path: Path, checkpoint
         assert f"--{name} " in results["help"].stdout, name
     refused(results["typo"], "--save_seg", "did you mean --save_png?")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_batch_takes_progress_like_inference(tmp_path: Path, checkpoint: Path) -> None:
+    """`--progress true` (refused before) shows each video's propagation bar; `--progress maybe` is refused."""
+    datalist = write_datalist(tmp_path / "list", 1)
+    results = run_all(
+        {
+            "bar": bundle_command(
+                "batch_inference", "batch_inference.json", **batch(checkpoint, datalist, tmp_path / "out", progress=1)
+            ),
+            "bad": bundle_command(
+                "batch_inference",
+                "batch_inference.json",
+                **batch(checkpoint, datalist, tmp_path / "o", progress="maybe"),
+            ),
+        }
+    )
+    succeeded(results["bar"])
+    assert "propagating" in results["bar"].stderr and (tmp_path / "out" / "clip0" / "clip0_seg.nii.gz").is_file()
+    refused(results["bad"], "--progress maybe", "true or false")

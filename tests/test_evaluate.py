@@ -14,21 +14,28 @@ from scripts.evaluate import Evaluation, make_propagator
 
 SEQUENCES = ("alpha", "beta", "gamma")
 NUM_FRAMES = 5
-TOP_KEYS = {"J&F", "J", "F", "Dice", "HD95", "method", "dataset", "num_sequences", "num_objects"}
+TOP_KEYS = {"J&F", "J", "F", "Dice", "HD95", "method", "dataset", "num_sequences", "num_objects", "failed"}
 
 
-def make_root(root: Path, empty_first: str | None = None) -> Path:
-    """3 sequences × 5 frames of a bright square moving right by 2 pixels per frame."""
+def make_root(root: Path, starts: dict[str, int | None] | None = None, second: dict[str, int] | None = None) -> Path:
+    """3 sequences × 5 frames of a bright square moving right by 2 pixels per frame. ``starts[seq]`` is the frame
+    from which the square is annotated (None: never); ``second[seq]`` adds a second object, a dark square moving
+    down, annotated (and shown) from that frame on."""
+    starts, second = starts or {}, second or {}
     for i, seq in enumerate(SEQUENCES):
         (root / "JPEGImages" / seq).mkdir(parents=True)
         (root / "Annotations" / seq).mkdir(parents=True)
+        start = starts.get(seq, 0)
         for t in range(NUM_FRAMES):
             frame = np.full((48, 64, 3), 40, np.uint8)
             labels = np.zeros((48, 64), np.uint8)
             y, x = 10 + i, 8 + 2 * t
             frame[y : y + 16, x : x + 16] = 220
-            if not (seq == empty_first and t == 0):
+            if start is not None and t >= start:
                 labels[y : y + 16, x : x + 16] = 1
+            if seq in second and t >= second[seq]:
+                frame[28 + t : 38 + t, 48:58] = 0
+                labels[28 + t : 38 + t, 48:58] = 2
             Image.fromarray(frame).save(root / "JPEGImages" / seq / f"{t:05d}.jpg", quality=95)
             Image.fromarray(labels, mode="L").save(root / "Annotations" / seq / f"{t:05d}.png")
     return root
@@ -86,11 +93,38 @@ def test_refuses_existing_output(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(own + ["keep.txt"])  # no staging left behind
 
 
-def test_empty_first_annotation_writes_nothing(tmp_path):
-    root = make_root(tmp_path / "tiny", empty_first="gamma")
+def test_objects_start_on_the_frame_that_first_annotates_them(tmp_path, capsys):
+    """A sequence whose only object appears on frame 3 is scored on frame 4; in another, object 2 joins on frame 2
+    and is scored on frames 3-4 while object 1 keeps frames 1-4; a sequence annotating nothing is reported (in
+    metrics.json and on the console) and the others are still scored."""
+    root = make_root(tmp_path / "tiny", starts={"beta": 3, "gamma": None}, second={"alpha": 2})
     out = tmp_path / "out"
-    with pytest.raises(InputError, match=r"gamma.00000\.png.*no foreground"):
-        Evaluation(str(root), str(out), CopyFirstFrame(), progress=False).run()
+    report = Evaluation(str(root), str(out), FarnebackFlow(), progress=False).run()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sequences"]) == {"alpha", "beta"} and metrics["num_objects"] == 3
+    beta = metrics["sequences"]["beta"]["objects"]["1"]
+    assert beta["first_frame"] == 3 and [f["frame"] for f in beta["frames"]] == [4]
+    alpha = metrics["sequences"]["alpha"]["objects"]
+    assert (alpha["1"]["first_frame"], [f["frame"] for f in alpha["1"]["frames"]]) == (0, [1, 2, 3, 4])
+    assert (alpha["2"]["first_frame"], [f["frame"] for f in alpha["2"]["frames"]]) == (2, [3, 4])
+    assert alpha["2"]["J"] > 0.5 and beta["J"] > 0.5  # the flow follows each object from its own start
+    assert (
+        list(metrics["failed"]) == ["tiny/gamma"] and "no frame annotates an object" in metrics["failed"]["tiny/gamma"]
+    )
+    assert report["failed"] == metrics["failed"]
+    preds = {t: np.asarray(Image.open(out / "pred" / "alpha" / f"{t:05d}.png")) for t in range(NUM_FRAMES)}
+    assert [sorted(np.unique(preds[t])) for t in range(NUM_FRAMES)] == [[0, 1], [0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    assert sorted(np.unique(np.asarray(Image.open(out / "pred" / "beta" / "00000.png")))) == [0]  # before its start
+    assert not (out / "pred" / "gamma").exists()
+    captured = capsys.readouterr()
+    assert "warning: tiny/gamma: not scored: " in captured.err
+    assert "not scored (1): tiny/gamma: " in captured.out
+
+
+def test_nothing_scorable_writes_nothing(tmp_path):
+    root = make_root(tmp_path / "tiny", starts={seq: None for seq in SEQUENCES})
+    with pytest.raises(InputError, match="no sequence could be scored: .*gamma: no frame annotates an object"):
+        Evaluation(str(root), str(tmp_path / "out"), CopyFirstFrame(), progress=False).run()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 

@@ -244,6 +244,22 @@ def test_label_series_has_the_nifti_input_layout(tmp_path, smooth_clip, name, ma
     assert source.info.fps == (25.0 if name == "WxHx1xT" else None)  # only a 4th axis is time for NIfTI
 
 
+def test_every_pixdim_of_a_nifti_input_is_kept(tmp_path, smooth_clip):
+    """A W×H×T file (dim[0] = 3) whose user stored the frame interval in pixdim[4], beyond its dimensions, and
+    values in pixdim[5..7]: the label series carries every pixdim as given."""
+    image = nib.Nifti1Image(smooth_clip[..., 0].transpose(2, 1, 0), AFFINE)
+    image.header["pixdim"][1:8] = (0.5, 0.25, 2.0, 0.04, 3.0, 5.0, 7.0)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, tmp_path / "clip.nii.gz")
+    source = open_video(tmp_path / "clip.nii.gz")
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", source.info) as writer:
+        for t in range(len(source)):
+            writer.write(t, np.zeros((source.info.height, source.info.width), np.uint8))
+    given, written = nib.load(tmp_path / "clip.nii.gz").header, nib.load(tmp_path / "labels.nii.gz").header
+    assert int(written["dim"][0]) == 3 and float(written["pixdim"][4]) == pytest.approx(0.04)
+    np.testing.assert_array_equal(written["pixdim"][1:8], given["pixdim"][1:8])
+
+
 def _dicom_element(group: int, element: int, vr: str, value: bytes | str) -> bytes:
     """One explicit-VR little-endian DICOM element."""
     if isinstance(value, str):

@@ -5,6 +5,7 @@ ends with a one-line error and no leftovers, and what is written follows the use
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import resource
 import shutil
@@ -12,12 +13,12 @@ import stat
 from collections import namedtuple
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
 import scripts.outputs
-from scripts.annotations import read_label_series
 from scripts.baselines import CopyFirstFrame
 from scripts.errors import InputError
 from scripts.outputs import LabelSeriesWriter, allocated_memmap, staged_output
@@ -195,34 +196,64 @@ def test_not_enough_space_is_refused_before_propagation(
         job.run()
     message = str(error.value)
     assert message.startswith(f"{out}: not enough free space: 4.9 KiB free, the outputs need about "), message
-    assert "8×64×80 label buffer" in message
+    assert "8 frames of 64×80 labels at about " in message
     assert not (tmp_path / "new").exists()  # the folders created for the outputs are gone again
 
 
 # ---------------------------------------------------------------- writes that fail
 
 
-def test_the_label_buffer_is_allocated_not_sparse(clip_files: dict[str, Path], tmp_path: Path) -> None:
-    """A write through a sparse memmap on a full disk kills the process with SIGBUS; an allocated buffer cannot."""
+def test_the_label_buffer_holds_compressed_frames(clip_files: dict[str, Path], echo_clip, tmp_path: Path) -> None:
+    """Frames wait for the NIfTI compressed (a raw T×H×W buffer made the disk need several times the outputs), are
+    read back exactly in any order, and the NIfTI streamed from them is byte for byte what nibabel writes."""
     info = open_video(clip_files["nifti"]).info
+    labels = echo_clip[1]
     with LabelSeriesWriter(tmp_path / "labels.nii.gz", info) as writer:
-        size = info.num_frames * info.height * info.width
-        assert os.stat(writer.buffer).st_blocks * 512 >= size
-        for t in range(info.num_frames):
-            writer.write(t, np.full((info.height, info.width), t, np.uint8))
-        assert int(writer.labels[5, 3, 7]) == 5  # read back through the memmap
-    np.testing.assert_array_equal(read_label_series(tmp_path / "labels.nii.gz")[:, 0, 0], np.arange(8))
+        for t in reversed(range(info.num_frames)):
+            writer.write(t, labels[t])
+        assert os.path.getsize(writer.buffer) < labels.size / 10
+        np.testing.assert_array_equal(writer.labels[5], labels[5])
+        np.testing.assert_array_equal(np.asarray(writer.labels), labels)
+    image = scripts.outputs._series_image(labels, info.affine, info.fps, info.layout)
+    image.header.set_intent("label")
+    nib.save(image, tmp_path / "nibabel.nii.gz")
+    with gzip.open(tmp_path / "labels.nii.gz") as ours, gzip.open(tmp_path / "nibabel.nii.gz") as theirs:
+        assert ours.read() == theirs.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "nibabel.nii.gz"]  # no buffer left
+
+
+def test_the_free_space_estimate_is_close_to_what_the_sample_writes(sample_dir: Path, tmp_path: Path) -> None:
+    """The shipped weights on the sample clip, every output: the estimate the free-space check uses is within 3×
+    of the space the outputs take on disk."""
+    import torch
+
+    from scripts.inferer import ModelPropagator, PropagationInferer
+    from scripts.network import TCMN, load_network_weights
+    from scripts.predict import estimate_output_bytes, label_frame_bytes
+
+    network = TCMN("lite", pretrained=False)
+    load_network_weights(network, str(sample_dir.parents[1] / "models" / "model.pt"), torch.device("cpu"))
+    video = sample_dir / "JPEGImages" / "patient2_seq7"
+    mask = sample_dir / "Annotations" / "patient2_seq7" / "00000.png"
+    propagator = ModelPropagator(network, PropagationInferer())
+    job = Prediction(str(video), str(mask), propagator, str(tmp_path / "out"), save_png=True, save_overlay=True)
+    job.run()
+    used = sum(p.stat().st_blocks * 512 for p in (tmp_path / "out").rglob("*"))
+    annotation = {0: np.asarray(Image.open(mask))}
+    estimate = estimate_output_bytes(open_video(video).info, True, "mp4", label_frame_bytes(annotation))
+    assert used / 3 <= estimate <= 3 * used, (estimate, used)
 
 
 def test_a_file_size_limit_ends_with_the_path_and_the_cause(
     clip_files: dict[str, Path], mask: Path, tmp_path: Path
 ) -> None:
-    """RLIMIT_FSIZE below the 8×64×80 label buffer: EFBIG (CPython ignores SIGXFSZ), named, nothing left."""
+    """RLIMIT_FSIZE below the compressed 8×64×80 label buffer: EFBIG (CPython ignores SIGXFSZ), named, nothing
+    left."""
     out = tmp_path / "out"
     out.mkdir()
     job = Prediction(str(clip_files["nifti"]), str(mask), CopyFirstFrame(), str(out))
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500, limits[1]))
     try:
         with pytest.raises(InputError) as error:
             job.run()
@@ -235,12 +266,13 @@ def test_a_file_size_limit_ends_with_the_path_and_the_cause(
 def test_a_full_disk_while_writing_ends_with_the_path_and_the_cause(
     clip_files: dict[str, Path], mask: Path, tmpfs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The free-space estimate is bypassed, so the write itself meets ENOSPC on a 32 KiB tmpfs (the label buffer
-    is 40 KiB): no SIGBUS, one line naming the output and the cause, nothing left on the mount."""
+    """The free-space estimate is bypassed, so the write itself meets ENOSPC on a one-page (4 KiB) tmpfs, which
+    the compressed label buffer and the NIfTI do not fit together: one line naming the output and the cause,
+    nothing left on the mount."""
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(scripts.outputs.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
-    out = tmpfs("full", "32k")
-    job = Prediction(str(clip_files["nifti"]), str(mask), CopyFirstFrame(), str(out), save_png=True)
+    out = tmpfs("full", "4k")
+    job = Prediction(str(clip_files["nifti"]), str(mask), CopyFirstFrame(), str(out))
     with pytest.raises(InputError) as error:
         job.run()
     assert str(error.value) == f"{out / 'clip_seg.nii.gz'}: cannot write the results: No space left on device"

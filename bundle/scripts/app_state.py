@@ -441,6 +441,7 @@ class AppState:
             save_overlay=save_overlay,
             overlay_format=overlay_format,
             overwrite=overwrite,
+            overwrite_hint='tick "overwrite earlier results"',  # the page's box (index.html), not a flag
         )
         prediction.run()
         return [Path(output_dir) / name for name in prediction.output_names()]

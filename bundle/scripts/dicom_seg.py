@@ -7,13 +7,21 @@ highdicom copies from the source). highdicom places segmentation frames in space
 frame of reference and distinct plane positions (a series of slices, or an enhanced multi-frame object); a cine
 acquired in one plane, or one without a frame of reference, cannot be referenced that way and is refused with the
 reason (`seg_source_problem`). The source's own headers are read with ``pydicom``; its pixels are never read here.
+
+What the SEG needs is checked before any propagation (`trial_segmentation` builds one from the headers, with a pixel
+of every segment on every frame): the Type 2 patient and study attributes a source may lack (`TYPE2`, e.g. a CT
+series without PatientBirthDate) are given empty values, as the standard allows, and anything else highdicom cannot
+take is found then, not after the propagation. highdicom logs each step of a build at INFO; that is silenced.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -22,6 +30,19 @@ from scripts.readers import READ_ERRORS
 
 SEG_SUFFIX = "_seg.dcm"
 _METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the source and needs present;
+# Type 2 means present but possibly empty, so a source lacking one gets an empty value
+TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -64,6 +85,10 @@ def read_source(path: str | Path) -> list:
             raise InputError(f"{file}: unreadable DICOM ({exc})") from exc
     if len(datasets) > 1:
         datasets.sort(key=_position_along_normal)
+    for ds in datasets:  # headers in memory only: the source files are never written
+        for keyword in TYPE2:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     return datasets
 
 
@@ -119,22 +144,42 @@ def _version() -> str:
         return "unknown"
 
 
-def write_dicom_seg(
-    path: str | Path, source: str | Path | list, labels: np.ndarray, names: Mapping[int, str] | None = None
-) -> Path:
-    """Write ``T×H×W`` uint8 ``labels`` (frame t of the source's frame t) as a DICOM SEG at ``path``; ``source`` is
-    the DICOM input (file or series folder) or its headers from `check_source`."""
+def _frames(datasets: list) -> int:
+    return int(getattr(datasets[0], "NumberOfFrames", 1) or 1) if len(datasets) == 1 else len(datasets)
+
+
+def _where(datasets: list) -> Path:
+    """The source as a user named it: the file, or the series' folder."""
+    where = Path(str(getattr(datasets[0], "filename", "") or "the DICOM source"))
+    return where.parent if len(datasets) > 1 else where
+
+
+@contextmanager
+def _quiet_highdicom() -> Iterator[None]:
+    """highdicom logs every step of a build at INFO (a screenful per SEG); only its warnings are kept."""
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_dicom_seg(datasets: list, labels: np.ndarray, names: Mapping[int, str] | None = None):
+    """The DICOM SEG (a highdicom `Segmentation`, in memory) of ``T×H×W`` uint8 ``labels``, frame t on the source's
+    frame t; ``datasets`` are the source headers from `check_source`. Headers highdicom cannot use raise an
+    `InputError` naming the source."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    datasets = check_source(source) if isinstance(source, (str, Path)) else source
-    frames = int(getattr(datasets[0], "NumberOfFrames", 1) or 1) if len(datasets) == 1 else len(datasets)
-    rows, columns = int(datasets[0].Rows), int(datasets[0].Columns)
+    labels = np.asarray(labels, np.uint8)  # a writer's frames, read back once
+    frames, rows, columns = _frames(datasets), int(datasets[0].Rows), int(datasets[0].Columns)
     if labels.shape != (frames, rows, columns):
-        raise ValueError(f"{path}: labels are {labels.shape} (T×H×W) but the source has {frames}×{rows}×{columns}")
+        raise ValueError(f"labels are {labels.shape} (T×H×W) but the source has {frames}×{rows}×{columns}")
     values = [int(v) for v in np.unique(labels) if v != 0]
     if not values:
-        raise ValueError(f"{path}: the labels hold no segment")
+        raise ValueError("the labels hold no segment")
     names = names or {}
     algorithm = hd.AlgorithmIdentificationSequence(
         name="TCMN", version=_version(), family=codes.cid7162.ArtificialIntelligence
@@ -150,17 +195,51 @@ def write_dicom_seg(
         )
         for number, value in enumerate(values, 1)
     ]
-    masks = np.stack([np.asarray(labels) == value for value in values], axis=-1)  # T×H×W×segments
+    masks = np.stack([labels == value for value in values], axis=-1)  # T×H×W×segments
     try:
-        seg = _segmentation(hd, datasets, masks, segments)
+        with _quiet_highdicom():
+            seg = _segmentation(hd, datasets, masks, segments)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # what highdicom raises on headers it cannot use
-        where = Path(str(getattr(datasets[0], "filename", "") or "the DICOM source"))
-        where = where.parent if len(datasets) > 1 else where
         raise InputError(
-            f"{where}: cannot write a DICOM SEG referencing it ({exc}); --save_dicom_seg false skips the SEG"
+            f"{_where(datasets)}: cannot write a DICOM SEG referencing it ({exc}); --save_dicom_seg false skips the SEG"
         ) from exc
     _add_slice_thickness(seg, datasets)
-    seg.save_as(str(path))
+    return seg
+
+
+def trial_segmentation(datasets: list, values: Iterable[int], names: Mapping[int, str] | None = None) -> None:
+    """Build (and drop) a SEG from the source headers with one pixel of each label value in ``values`` on the first
+    and the last frame, so that whatever highdicom cannot take in the headers (it checks every source frame's) or the
+    segment names is found before propagation; raises `build_dicom_seg`'s `InputError`. The propagated labels only
+    ever hold the annotations' values. Two frames, not all: encoding frames is what a build spends its time on."""
+    values = sorted({int(v) for v in values if int(v) != 0})
+    labels = np.zeros((_frames(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), np.uint8)
+    for i, value in enumerate(values[: labels.shape[2]]):
+        labels[[0, -1], 0, i] = value
+    build_dicom_seg(datasets, labels, names)
+
+
+def write_dicom_seg(
+    path: str | Path, source: str | Path | list, labels: np.ndarray, names: Mapping[int, str] | None = None
+) -> Path:
+    """Write ``T×H×W`` uint8 ``labels`` (frame t of the source's frame t) as a DICOM SEG at ``path``; ``source`` is
+    the DICOM input (file or series folder) or its headers from `check_source`."""
+    datasets = check_source(source) if isinstance(source, (str, Path)) else source
+    return save_dicom_seg(build_dicom_seg(datasets, labels, names), path)
+
+
+def save_dicom_seg(seg, path: str | Path) -> Path:
+    """Save a built SEG; a failed write raises the `OSError` behind pydicom's re-raised copy (which drops its errno)
+    with ``path`` as its file name, so that it is reported like any other output's."""
+    try:
+        seg.save_as(str(path))
+    except OSError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno is not None):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from exc
     return Path(path)
 
 

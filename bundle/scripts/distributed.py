@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 from monai.data import partition_dataset
 
+from scripts.errors import InputError
 from scripts.evaluate import OUTPUTS, Evaluation
 from scripts.outputs import prepare_output_dir
 
@@ -68,12 +69,16 @@ class DistributedEvaluation(Evaluation):
             return super().run()
         prepare_output_dir(self.output_dir, OUTPUTS, self.overwrite)  # every rank refuses alike, early
         selected = self.select()
-        mine: dict[str, tuple[dict, dict[str, bytes]]] = {}
+        mine: dict[str, tuple[dict | str, dict[str, bytes]]] = {}
         scratch = Path(tempfile.mkdtemp(prefix=".tcmn-eval-"))
         try:
             for seq in share(selected, rank, world_size):
                 pred_dir = scratch / seq.dataset / seq.name
-                result = super().evaluate_sequence(seq, pred_dir)
+                try:
+                    result = super().evaluate_sequence(seq, pred_dir)
+                except InputError as exc:  # a sequence that cannot be scored: rank 0's run reports it
+                    mine[seq.key] = (str(exc), {})
+                    continue
                 mine[seq.key] = (result, {p.name: p.read_bytes() for p in sorted(pred_dir.iterdir())})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -87,6 +92,8 @@ class DistributedEvaluation(Evaluation):
         if gathered is None:
             return super().evaluate_sequence(seq, pred_dir)
         result, pngs = gathered[seq.key]
+        if isinstance(result, str):
+            raise InputError(result)
         pred_dir.mkdir(parents=True)
         for name, data in pngs.items():
             (pred_dir / name).write_bytes(data)

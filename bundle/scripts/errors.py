@@ -1,4 +1,4 @@
-"""The one error type for bad user input, and the report that makes it the last line a user reads.
+"""The one error type for bad user input, and the report that makes a failed or interrupted job end in one line.
 
 Kept apart from every reader and writer so that any module (and the package's ``__init__``) can raise or report it
 without importing NIfTI, DICOM or video code.
@@ -6,8 +6,17 @@ without importing NIfTI, DICOM or video code.
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
+
+DEBUG_ENV = "TCMN_DEBUG"  # TCMN_DEBUG=1 (like --debug true) prints the full traceback of a failed job
+# what an interrupted job leaves behind, by job (`run_id`); the staged outputs of the others are rolled back
+INTERRUPTED = {
+    "batch_inference": "interrupted; the videos finished before are kept, the one in progress is not written",
+    "training": "interrupted; the checkpoints saved so far are kept",
+}
+INTERRUPTED_DEFAULT = "interrupted, nothing written"
 
 
 class InputError(ValueError):
@@ -15,26 +24,51 @@ class InputError(ValueError):
 
 
 _previous_excepthook = sys.excepthook
+_state = {"debug": False, "interrupted": INTERRUPTED_DEFAULT}
 
 
-def _report_input_error(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-    """After the usual traceback, print the `InputError` behind it (the file and the problem) as the last line.
+def debugging() -> bool:
+    """Whether a failed job shows its traceback: ``--debug true`` or ``TCMN_DEBUG`` set to 1/true/yes/on."""
+    return _state["debug"] or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
-    `python -m monai.bundle run` wraps every error raised while a config is evaluated in a generic
-    `RuntimeError: Failed to evaluate ConfigExpression`, which would otherwise be the last line a user reads.
-    """
-    _previous_excepthook(exc_type, exc, tb)
+
+def input_error_behind(exc: BaseException) -> InputError | None:
+    """The `InputError` an exception is, or was raised from (MONAI wraps errors of config expressions and components
+    in its own `RuntimeError`s, once or twice), or None."""
     cause, seen = exc, set()
     while cause is not None and id(cause) not in seen and not isinstance(cause, InputError):
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, InputError) and cause is not exc:
-        print(f"error: {cause}", file=sys.stderr)
+    return cause if isinstance(cause, InputError) else None
 
 
-def install_error_report() -> None:
-    """Make ``sys.excepthook`` also print the ``InputError`` behind an uncaught error; calling it again does nothing."""
+def _report(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """The last words of a job that did not finish: one line, the traceback only with `debugging()`.
+
+    - Bad input or a failed write (an `InputError`, however deeply MONAI wrapped it): `error: <path>: <problem>`.
+    - Ctrl-C: what the job leaves behind (`INTERRUPTED`); Python then ends the process by SIGINT, which a shell
+      reports as exit status 130.
+    - Anything else is a bug, whose traceback is what a report of it needs: printed as before.
+    """
+    if debugging():
+        _previous_excepthook(exc_type, exc, tb)
+    if issubclass(exc_type, KeyboardInterrupt):
+        print(_state["interrupted"], file=sys.stderr)
+        return
+    cause = input_error_behind(exc)
+    if cause is None:
+        if not debugging():
+            _previous_excepthook(exc_type, exc, tb)
+        return
+    print(f"error: {cause}", file=sys.stderr)
+
+
+def install_error_report(job: str | None = None, debug: bool = False) -> None:
+    """Make ``sys.excepthook`` end a failed or interrupted `job` (its `run_id`) with one line; `debug` keeps the
+    traceback too. Calling it again only updates `job` and `debug`."""
     global _previous_excepthook
-    if sys.excepthook is not _report_input_error:
+    _state["debug"] = debug
+    _state["interrupted"] = INTERRUPTED.get(job or "", INTERRUPTED_DEFAULT)
+    if sys.excepthook is not _report:
         _previous_excepthook = sys.excepthook
-        sys.excepthook = _report_input_error
+        sys.excepthook = _report

@@ -2,7 +2,13 @@
 every later frame against the ground truth, and write metrics, predictions, a CSV and a plot.
 
 The model and the baselines share the ``propagate`` interface, so one code path scores them all. Scores follow
-``scripts.metrics`` (frame 0 is not scored; dataset scores are means over objects; undefined HD95 is ``null``).
+``scripts.metrics`` (dataset scores are means over objects; undefined HD95 is ``null``). Each object starts on the
+first frame that annotates it, as in DAVIS 2017 and in slice stacks whose lesion appears a few slices in: objects
+first annotated on the same frame are propagated together from it, objects starting later in a pass of their own
+(the propagators take annotations that replace a whole frame, so a later object cannot join a running pass without
+handing the method the truth of the others on that frame), and an object is scored on the frames after its start.
+A sequence that cannot be scored (no frame annotates anything, unreadable frames, label maps of the wrong size) is
+reported in ``metrics.json`` (``failed``) and on the console while the others are scored.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from .annotations import read_annotations, read_label_series
+from .annotations import read_label_series
 from .baselines import CopyFirstFrame, FarnebackFlow
 from .data import Sequence, list_sequences
 from .errors import InputError
@@ -82,14 +90,25 @@ class Evaluation:
         multi = len(self.roots) > 1
         with staged_output(self.output_dir, OUTPUTS, self.overwrite) as staging:
             results: dict[str, dict[str, dict]] = defaultdict(dict)
+            failed: dict[str, str] = {}
+            (staging / "pred").mkdir()
             for seq in tqdm(selected, desc="evaluate", unit="seq", disable=not self.progress):
                 pred_dir = staging / "pred" / (f"{seq.dataset}/{seq.name}" if multi else seq.name)
-                results[seq.dataset][seq.name] = self.evaluate_sequence(seq, pred_dir)
-            report = self.report(results)
+                try:
+                    results[seq.dataset][seq.name] = self.evaluate_sequence(seq, pred_dir)
+                except InputError as exc:  # one bad sequence is reported, the others are still scored
+                    shutil.rmtree(pred_dir, ignore_errors=True)
+                    failed[seq.key] = str(exc)
+                    print(f"warning: {seq.key}: not scored: {exc}", file=sys.stderr)
+            if not results:
+                raise InputError(f"no sequence could be scored: {'; '.join(failed.values())}")
+            report = self.report(results, failed)
             (staging / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
             _write_csv(staging / "per_sequence.csv", results)
             _plot(staging / "jf.png", results, report["J&F"], multi)
         _print_table(report, results)
+        if failed:
+            print(f"not scored ({len(failed)}): " + "; ".join(f"{key}: {why}" for key, why in failed.items()))
         out = self.output_dir.absolute()
         print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}/ (predicted label maps)")
         return report
@@ -110,38 +129,61 @@ class Evaluation:
         return found
 
     def evaluate_sequence(self, seq: Sequence, pred_dir: Path) -> dict:
-        """Propagate the first annotation through one sequence, writing and scoring each frame as it comes."""
-        pred_dir.mkdir(parents=True)
+        """Propagate each object from the first frame that annotates it, writing the merged predictions and scoring
+        each object on the frames after its start."""
         with open_video(seq.frames[0].parent) as source:
-            annotation = read_annotations([seq.masks[0]], [0], source.info)[0]
             gts = read_label_series(seq.masks[0].parent)
             if gts.shape != (len(source), source.info.height, source.info.width):
                 raise InputError(
                     f"{seq.masks[0].parent}: {'×'.join(map(str, gts.shape))} (T×H×W) label maps for "
                     f"{len(source)} frames of {source.info.height}×{source.info.width}"
                 )
-            scorer = SequenceScorer(objects_of(annotation))  # frame 0, the annotation given, is not scored
-            seen = set()
-            for t, labels in self.propagator.propagate(source, {0: annotation}):
-                if t in seen:
-                    raise RuntimeError(f"{type(self.propagator).__name__} yielded frame {t} of {seq.key} twice")
-                seen.add(t)
-                write_png_labels(pred_dir, t, labels)
-                scorer.append(t, labels, gts[t])
-            if len(seen) != len(source):
-                raise RuntimeError(
-                    f"{type(self.propagator).__name__} yielded {len(seen)} of {len(source)} frames of {seq.key}"
-                )
+            starts = first_frames(gts)
+            if not starts:
+                raise InputError(f"{seq.masks[0].parent}: no frame annotates an object")
+            scorer = SequenceScorer(starts, skip_frames=(), starts=starts)
+            merged = np.zeros_like(gts)  # the passes' predictions, an earlier-starting object winning a pixel
+            for start in sorted(set(starts.values())):
+                objects = [k for k, f in starts.items() if f == start]
+                annotation = np.where(np.isin(gts[start], objects), gts[start], 0).astype(np.uint8)
+                seen = set()
+                for t, labels in self.propagator.propagate(source, {start: annotation}):
+                    if t in seen:
+                        raise RuntimeError(f"{type(self.propagator).__name__} yielded frame {t} of {seq.key} twice")
+                    seen.add(t)
+                    scorer.append(t, labels, gts[t], objects)
+                    if t >= start:  # before its first annotation an object is not known yet
+                        mine = np.isin(labels, objects) & (merged[t] == 0)
+                        merged[t][mine] = labels[mine]
+                if len(seen) != len(source):
+                    raise RuntimeError(
+                        f"{type(self.propagator).__name__} yielded {len(seen)} of {len(source)} frames of {seq.key}"
+                    )
+        pred_dir.mkdir(parents=True)
+        for t, labels in enumerate(merged):
+            write_png_labels(pred_dir, t, labels)
         return {"num_frames": len(source), **scorer.aggregate()}
 
-    def report(self, results: dict[str, dict[str, dict]]) -> dict:
-        """The metrics.json content: dataset scores on top, per-dataset (if several), sequence and object below."""
+    def report(self, results: dict[str, dict[str, dict]], failed: dict[str, str] | None = None) -> dict:
+        """The metrics.json content: dataset scores on top, per-dataset (if several), sequence and object below;
+        ``failed`` names each sequence that could not be scored and why."""
         blocks = {name: {**aggregate(seqs), "sequences": seqs} for name, seqs in results.items()}
         everything = {f"{d}/{s}": r for d, seqs in results.items() for s, r in seqs.items()}
         top = {**aggregate(everything), "method": type(self.propagator).__name__, "dataset": ",".join(results)}
+        top["failed"] = dict(failed or {})
         if len(self.roots) == 1:
             return {**top, "sequences": next(iter(blocks.values()))["sequences"]}
         return {**top, "datasets": blocks}
+
+
+def first_frames(labels: np.ndarray) -> dict[int, int]:
+    """Each object (label value) of ``T×H×W`` label maps → the first frame that shows it."""
+    present = [objects_of(frame) for frame in labels]
+    starts: dict[int, int] = {}
+    for t, objects in enumerate(present):
+        for k in objects:
+            starts.setdefault(k, t)
+    return starts
 
 
 def _json_safe(value):

@@ -28,11 +28,12 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.scripts import create_workflow, run
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
-from scripts.errors import InputError
+from scripts.errors import DEBUG_ENV, InputError
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
 HELP_FLAGS = ("help", "h")
+DEBUG_FLAG = "debug"  # every job's: `--debug true` shows the traceback of a failure (`scripts.errors`)
 TYPES = ("bool", "int", "ints", "number", "choice", "device", "path", "paths", "text")
 
 
@@ -64,6 +65,7 @@ class CommandLine:
 
     options: dict[str, object] = field(default_factory=dict)  # run/create_workflow/ConfigWorkflow arguments, parsed
     overrides: dict[str, str] = field(default_factory=dict)  # every other `--name`: name → the token as typed
+    values: dict[str, str] = field(default_factory=dict)  # every other `--name`: name → its value as typed
 
 
 def monai_options() -> tuple[str, ...]:
@@ -120,7 +122,7 @@ def read_command_line(args: Sequence[str]) -> CommandLine:
         if key in known:
             line.options[key] = DefaultParseValue(value)
         else:
-            line.overrides[key] = token
+            line.overrides[key], line.values[key] = token, value
     return line
 
 
@@ -131,6 +133,20 @@ def launched_command_line() -> list[str] | None:
     if spec is None or spec.name != "monai.bundle.__main__" or len(sys.argv) < 2 or sys.argv[1] != "run":
         return None
     return sys.argv[2:]
+
+
+def job_and_debug(argv: Sequence[str] | None = None) -> tuple[str | None, bool]:
+    """The job (`run_id`) this process runs and whether `--debug` is on, from its command line (None, False
+    in-process); a bad `--debug` value counts as off here and is refused by `check_flags`."""
+    argv = launched_command_line() if argv is None else argv
+    if argv is None:
+        return None, False
+    line = read_command_line(argv)
+    try:
+        debug = as_bool(line.values.get(DEBUG_FLAG, "false"))
+    except ValueError:
+        debug = False
+    return str(line.options.get("run_id") or "") or None, debug
 
 
 def _config_ids(line: CommandLine) -> ConfigParser:
@@ -252,6 +268,8 @@ def help_text(job: str, flags: Mapping[str, Mapping], given: Sequence[str] = ())
     for name, left, spec in rows:
         value = f"{'set to' if name in given else 'default'}: {show(spec.get('value')) or 'none'}"
         lines.append(f"  {left:<{width}}  {spec.get('help', '')} ({value})")
+    debug = f"--{DEBUG_FLAG} true|false"
+    lines.append(f"  {debug:<{width}}  show the traceback of a failure (also {DEBUG_ENV}=1) (default: false)")
     lines += ["", _also_accepted()]
     return "\n".join(lines)
 
@@ -301,9 +319,12 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
             print(help_text(job, flags, list(line.overrides)))
             raise SystemExit(0)
         parser = _config_ids(line)
-        unknown = [name for name in line.overrides if name not in flags and not _has(parser, name)]
+        if DEBUG_FLAG in line.values and accepted({"type": "bool"}, line.values[DEBUG_FLAG]) is not None:
+            raise SystemExit(f"error: --{DEBUG_FLAG} {line.values[DEBUG_FLAG]}: true or false")
+        known = (*flags, DEBUG_FLAG)
+        unknown = [name for name in line.overrides if name not in known and not _has(parser, name)]
         if unknown:
-            candidates = [*flags, *monai_options(), *(k for k in parser.get() if not str(k).startswith("_"))]
+            candidates = [*known, *monai_options(), *(k for k in parser.get() if not str(k).startswith("_"))]
             named = []
             for name in unknown:
                 match = _suggestion(name, candidates, parser)

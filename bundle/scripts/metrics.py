@@ -8,7 +8,9 @@ Conventions (shared by every score this module returns):
   J < ``LOST_IOU``, 0 where it does not, NaN (not counted) where the truth does not show the object; so an object's
   ``Lost`` is the fraction of the frames showing it in which the method lost it (the failure mode of losing the
   object on unseen videos).
-- The first frame of a sequence is the annotation given to the method and is never scored.
+- The first frame of a sequence is the annotation given to the method and is never scored; in evaluation each
+  object starts on the first frame that annotates it (as in DAVIS 2017), which and every earlier frame are not
+  scored for it.
 - A dataset's score is the mean over all objects of all its sequences; an object's score is the mean over its frames.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import cv2
@@ -135,31 +137,43 @@ class SequenceScorer:
     """Scores of one sequence, fed frame by frame: `reset` / `append` / `aggregate`, as MONAI's cumulative metrics.
 
     The one per-object, per-frame scoring loop: evaluation, training-time validation and `score_sequence` all score
-    through it. Frames in `skip_frames` (the annotation given to the method, frame 0 by default) are not scored.
+    through it. Frames in `skip_frames` (the annotation given to the method, frame 0 by default) are not scored;
+    with `starts` (object → the frame that first annotates it) an object is scored only on the frames after its own.
     `hd95=False` leaves out HD95, the slow score, where only J&F is wanted (validation).
     """
 
-    def __init__(self, objects: Iterable[int] = (), skip_frames: Iterable[int] = (0,), hd95: bool = True) -> None:
+    def __init__(
+        self,
+        objects: Iterable[int] = (),
+        skip_frames: Iterable[int] = (0,),
+        hd95: bool = True,
+        starts: Mapping[int, int] | None = None,
+    ) -> None:
         self.skip_frames = set(skip_frames)
         self.hd95 = hd95
-        self.reset(objects)
+        self.reset(objects, starts)
 
-    def reset(self, objects: Iterable[int]) -> None:
-        """Start a sequence whose objects (label values) are `objects`."""
+    def reset(self, objects: Iterable[int], starts: Mapping[int, int] | None = None) -> None:
+        """Start a sequence whose objects (label values) are `objects`, each first annotated on `starts[k]`."""
         self.frames: dict[int, list[dict[str, float]]] = {int(k): [] for k in objects}
+        self.starts = {int(k): int(f) for k, f in (starts or {}).items()}
 
-    def append(self, t: int, pred: np.ndarray, gt: np.ndarray) -> None:
-        """Score frame `t` (H×W predicted and true label maps), in any order."""
+    def append(self, t: int, pred: np.ndarray, gt: np.ndarray, objects: Iterable[int] | None = None) -> None:
+        """Score frame `t` (H×W predicted and true label maps), in any order, for `objects` (default: all)."""
         if t in self.skip_frames:
             return
-        for k, scores in score_frame(pred, gt, self.frames, self.hd95).items():
+        objects = [k for k in (self.frames if objects is None else objects) if t > self.starts.get(k, -1)]
+        if not objects:
+            return
+        for k, scores in score_frame(pred, gt, objects, self.hd95).items():
             self.frames[k].append({"frame": t, **scores})
 
     def aggregate(self) -> dict:
         """Per-object means over frames (with each frame's scores, in frame order) and the mean over objects."""
         for scores in self.frames.values():
             scores.sort(key=lambda s: s["frame"])
-        objects = {k: {**_mean(f), "frames": f} for k, f in self.frames.items()}
+        first = {k: {"first_frame": self.starts[k]} if k in self.starts else {} for k in self.frames}
+        objects = {k: {**_mean(f), **first[k], "frames": f} for k, f in self.frames.items()}
         return {**_mean(objects.values()), "num_objects": len(objects), "objects": objects}
 
 

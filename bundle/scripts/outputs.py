@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Iterator
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 from numpy.lib import recfunctions
 from PIL import Image
 
@@ -43,10 +45,14 @@ def _check_names(names: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool) -> Path:
+OVERWRITE_HINT = "pass overwrite=True (--overwrite true)"  # how a command-line or Python user asks to overwrite
+
+
+def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool, hint: str = OVERWRITE_HINT) -> Path:
     """Check that ``path`` may receive the outputs ``names``; creates nothing.
 
-    A folder holding other files is fine: only an existing output of the job's own is refused, unless ``overwrite``.
+    A folder holding other files is fine: only an existing output of the job's own is refused, unless ``overwrite``;
+    the refusal tells how to ask for it with ``hint`` (the app's page has a box to tick instead of a flag).
     """
     path, names = Path(path).absolute(), _check_names(names)
     if path.exists() and not path.is_dir():
@@ -54,8 +60,8 @@ def prepare_output_dir(path: str | Path, names: Iterable[str], overwrite: bool) 
     existing = [name for name in names if os.path.lexists(path / name)]
     if existing and not overwrite:
         raise InputError(
-            f"{path}: output directory already holds results ({', '.join(existing)}); choose another or pass "
-            "overwrite=True (--overwrite true) to replace exactly those"
+            f"{path}: output directory already holds results ({', '.join(existing)}); choose another or {hint} to "
+            "replace exactly those"
         )
     return path
 
@@ -196,7 +202,7 @@ def _series_image(
     header = image.header
     header.set_qform(layout.qform, layout.qform_code)  # also sets pixdim[1:4] from the matrix: zooms come after
     header.set_sform(layout.sform, layout.sform_code)
-    header["pixdim"][1 : len(layout.zooms) + 1] = layout.zooms  # as the input had them, unvalidated like its own
+    header["pixdim"][1 : len(layout.zooms) + 1] = layout.zooms  # all of the input's, unvalidated like its own
     header.set_xyzt_units(*layout.units)
     return image
 
@@ -249,40 +255,70 @@ def allocated_memmap(path: str | Path, shape: tuple[int, ...]) -> np.memmap:
     return np.memmap(path, np.uint8, "r+", shape=shape)
 
 
+class LabelFrames:
+    """The frames a `LabelSeriesWriter` holds, read back one at a time: ``frames[t]`` is an H×W uint8 label map;
+    ``np.asarray(frames)`` gives all of them as ``T×H×W`` (for the DICOM SEG, which highdicom builds whole)."""
+
+    def __init__(self, writer: LabelSeriesWriter) -> None:
+        self._writer = writer
+        self.shape = (len(writer.written), writer.info.height, writer.info.width)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        return self._writer.frame(int(t))
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        frames = np.stack([self._writer.frame(t) for t in range(len(self))]) if len(self) else np.zeros(self.shape)
+        return frames.astype(dtype or np.uint8, copy=False)
+
+
 class LabelSeriesWriter:
     """Label maps of every frame -> one uint8 NIfTI series with the input's affine and fps.
 
-    Frames are staged in a buffer file next to the output, so a long series is never held in RAM. Its space is
-    allocated up front and frames go in by ordinary writes, so a full disk or a file-size limit raises ``OSError``
-    (naming the series) instead of killing the process with SIGBUS, as a write through a sparse memmap would;
-    ``labels`` reads the buffer back through a read-only memmap. Use as a context manager (an exception discards the
-    series) or call ``close()`` after the last ``write``.
+    Frames arrive in propagation order (forward from the annotated frame, then backward) while the NIfTI stores them
+    in frame order, so they wait in a buffer file next to the output, each zlib-compressed (level 1): label maps
+    compress well, so the run needs about the space of its outputs rather than a raw ``T×H×W`` buffer, and a long
+    series is never held in RAM. The buffer grows by ordinary writes, so a full disk or a file-size limit raises
+    ``OSError`` (naming the series) instead of killing the process with SIGBUS, as a write through a sparse memmap
+    would. ``labels`` reads frames back (`LabelFrames`); `close` streams the NIfTI frame by frame, its header made by
+    nibabel. Use as a context manager (an exception discards the series) or call ``close()`` after the last ``write``.
     """
 
     def __init__(self, path: str | Path, info: VideoInfo) -> None:
         self.path, self.info = Path(path), info
         if path_suffix(self.path) not in NIFTI_SUFFIXES:
             raise ValueError(f"{self.path}: a label series is written as .nii or .nii.gz")
-        shape = (info.num_frames, info.height, info.width)
         self._handle, self.buffer = tempfile.mkstemp(prefix=".", suffix=".labels", dir=self.path.parent)
-        try:
-            _allocate(self._handle, int(np.prod(shape)))
-            self.labels = np.memmap(self.buffer, np.uint8, "r", shape=shape)
-        except OSError as exc:
-            self._discard()
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+        self._chunks: dict[int, tuple[int, int]] = {}  # frame → (offset, size) of its compressed bytes in the buffer
+        self._end = 0
         self.written = np.zeros(info.num_frames, bool)
+        self.labels: LabelFrames | None = LabelFrames(self)
 
     def write(self, t: int, labels: np.ndarray) -> None:
         if not 0 <= t < len(self.written):
             raise IndexError(f"{self.path}: frame {t} is outside 0..{len(self.written) - 1}")
-        if labels.shape != self.labels.shape[1:]:
-            raise ValueError(f"{self.path}: frame {t} labels are {labels.shape}, expected {self.labels.shape[1:]}")
+        if labels.shape != (self.info.height, self.info.width):
+            raise ValueError(
+                f"{self.path}: frame {t} labels are {labels.shape}, expected {(self.info.height, self.info.width)}"
+            )
+        data = zlib.compress(np.ascontiguousarray(labels, np.uint8).tobytes(), 1)
         try:
-            _write_at(self._handle, np.ascontiguousarray(labels, np.uint8).tobytes(), t * labels.size)
+            _write_at(self._handle, data, self._end)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+        self._chunks[t] = (self._end, len(data))
+        self._end += len(data)
         self.written[t] = True
+
+    def frame(self, t: int) -> np.ndarray:
+        """Frame ``t``'s labels (H×W uint8), read back from the buffer."""
+        if not self.written[t]:
+            raise IndexError(f"{self.path}: frame {t} was not written")
+        offset, size = self._chunks[t]
+        data = zlib.decompress(os.pread(self._handle, size, offset))
+        return np.frombuffer(data, np.uint8).reshape(self.info.height, self.info.width)
 
     def close(self) -> None:
         if self.labels is None:
@@ -291,11 +327,27 @@ class LabelSeriesWriter:
             missing = np.flatnonzero(~self.written)
             if missing.size:
                 raise ValueError(f"{self.path}: {missing.size} frames were never written, e.g. {missing[:5].tolist()}")
-            image = _series_image(self.labels, self.info.affine, self.info.fps, self.info.layout)
-            image.header.set_intent("label")
-            nib.save(image, str(self.path))
+            self._save()
         finally:
             self._discard()
+
+    def _save(self) -> None:
+        """The NIfTI: nibabel's header (of a zero-stride stand-in for the data, which it never reads), then the
+        frames in order: in every layout the NIfTI's data (x fastest, then y, then frame) is each frame's H×W map
+        in C order, one frame after the other. nibabel cannot take the data a frame at a time."""
+        shape = (self.info.num_frames, self.info.height, self.info.width)
+        image = _series_image(np.broadcast_to(np.uint8(0), shape), self.info.affine, self.info.fps, self.info.layout)
+        image.header.set_intent("label")
+        image.update_header()
+        image.header.set_slope_inter(1.0, 0.0)  # what nib.save writes for unscaled uint8
+        try:
+            with ImageOpener(str(self.path), "wb") as f:
+                image.header.write_to(f)
+                f.write(b"\0" * (int(image.header.get_data_offset()) - f.tell()))
+                for t in range(self.info.num_frames):
+                    f.write(self.frame(t).tobytes())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def _discard(self) -> None:
         self.labels = None

@@ -3,19 +3,33 @@
 Every argument is checked when the job is built, and the output folder and its free space before propagation
 starts, so a bad flag never costs a propagation. Frames stream from the reader through the propagator into the
 writers one at a time; the outputs are staged and moved into place only when everything succeeded, so a failed run
-leaves nothing half-written, and only the job's own output names are ever replaced.
+leaves nothing half-written, and only the job's own output names are ever replaced. The DICOM SEG is the one output
+placed on its own, after the others: what it needs is checked before propagation, and should writing it still fail
+(a full disk, a file-size limit), the label series, PNGs and overlay are kept and the one `error:` line names the SEG.
 """
 
 from __future__ import annotations
 
+import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from scripts.annotations import read_annotations
-from scripts.dicom_seg import SEG_SUFFIX, check_source, is_dicom, parse_labels, write_dicom_seg
+from scripts.dicom_seg import (
+    SEG_SUFFIX,
+    build_dicom_seg,
+    check_source,
+    is_dicom,
+    parse_labels,
+    save_dicom_seg,
+    trial_segmentation,
+)
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
-from scripts.outputs import LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
+from scripts.outputs import OVERWRITE_HINT, LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
 from scripts.overlay import write_overlay
 from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, VideoInfo, open_video, path_suffix
 
@@ -33,19 +47,37 @@ def video_name(path: str | Path) -> str:
     return name
 
 
-def estimate_output_bytes(info: VideoInfo, save_png: bool, overlay_format: str | None) -> int:
-    """A deliberately generous estimate of the disk space a run needs at its peak, so that a full disk is refused
-    before propagation instead of failing after it: the ``T×H×W`` label buffer, the NIfTI beside it (counted as if
-    gzip only halved the labels), PNGs (half a byte per pixel, at least a block each) and the overlay (half a byte
-    per pixel and frame for MP4, a byte for GIF, both far above what the encoders produce on real clips)."""
+def label_frame_bytes(annotations: Mapping[int, np.ndarray]) -> int:
+    """What one frame of labels is expected to take compressed: twice the largest annotation's zlib (level 1) size,
+    as propagated labels have rougher edges than a drawn annotation (the model card has the measured ratio)."""
+    return 2 * max(len(zlib.compress(np.ascontiguousarray(a, np.uint8).tobytes(), 1)) for a in annotations.values())
+
+
+def estimate_output_bytes(
+    info: VideoInfo,
+    save_png: bool,
+    overlay_format: str | None,
+    frame_bytes: int,
+    seg_segments: int = 0,
+) -> int:
+    """The disk space a run is expected to need at its peak, so that a disk the results will not fit on is refused
+    before propagation; an estimate, not a bound (a write that fails anyway ends in one line, nothing left).
+
+    At the peak the staging folder holds the compressed label buffer and the NIfTI (``frame_bytes`` a frame each,
+    from `label_frame_bytes`), the PNGs (as much, at least a filesystem block each) and the overlay (a quarter of a
+    byte per pixel and frame for MP4, a byte for GIF); a DICOM SEG
+    (``seg_segments`` segments) holds one bit per pixel, frame and segment.
+    """
     frame, frames = info.height * info.width, info.num_frames
-    need = frames * frame + frames * frame // 2 + _BLOCK
+    need = 2 * frames * frame_bytes + 2 * _BLOCK
     if save_png:
-        need += frames * max(frame // 2, _BLOCK) + _BLOCK
+        need += frames * max(frame_bytes, _BLOCK) + _BLOCK
     if overlay_format == "mp4":
-        need += frames * frame // 2 + _BLOCK
+        need += frames * frame // 4 + _BLOCK
     elif overlay_format == "gif":
         need += frames * frame + _BLOCK
+    if seg_segments:
+        need += frames * frame * seg_segments // 8 + _BLOCK
     return need
 
 
@@ -78,8 +110,10 @@ class Prediction:
         overwrite: bool | str = False,
         save_dicom_seg: bool | str | None = None,
         labels: str | Mapping[int, str] | None = None,
+        overwrite_hint: str = OVERWRITE_HINT,
     ) -> None:
-        """Every argument is checked here, so a bad one is refused before any video is opened."""
+        """Every argument is checked here, so a bad one is refused before any video is opened. ``overwrite_hint``
+        is how the refusal of existing results tells the user to ask for overwriting (the app: a box to tick)."""
         if not str(video or "").strip():
             raise InputError("--video: give the video to segment")
         if not str(output_dir or "").strip():
@@ -94,6 +128,7 @@ class Prediction:
         self.save_png = _flag("save_png", save_png)
         self.save_overlay = _flag("save_overlay", save_overlay)
         self.overwrite = _flag("overwrite", overwrite)
+        self.overwrite_hint = overwrite_hint
         self.overlay_format = str(overlay_format).strip().lower().lstrip(".")
         if self.overlay_format not in OVERLAY_FORMATS:
             raise InputError(
@@ -101,6 +136,7 @@ class Prediction:
             )
         self.name = video_name(self.video)
         self.label_names = parse_labels(labels)
+        self.dicom_default = save_dicom_seg is None  # a SEG by default (not asked for) that cannot be made is a note
         self.dicom_source = self._dicom_seg_source(save_dicom_seg)
         self.save_dicom_seg = self.dicom_source is not None
         self._check_inputs()
@@ -171,15 +207,34 @@ class Prediction:
             names.append(f"{self.name}_overlay.{self.overlay_format}")
         return names
 
+    def _check_dicom_seg(self, annotations: Mapping[int, object]) -> None:
+        """Before propagation: a trial SEG from the source headers with the annotations' label values, so a SEG that
+        cannot be written is refused now (asked for) or dropped with a note (by default), not found at the end."""
+        if not self.save_dicom_seg:
+            return
+        values = {int(v) for a in annotations.values() for v in np.unique(a)}
+        try:
+            trial_segmentation(self.dicom_source, values, self.label_names)
+        except InputError as exc:
+            if not self.dicom_default:
+                raise
+            print(f"note: no DICOM SEG written: {exc}")
+            self.save_dicom_seg, self.dicom_source = False, None
+
     def run(self) -> Path:
         """Run the job; returns the label series' path."""
-        names = self.output_names()
-        out = prepare_output_dir(self.output_dir, names, self.overwrite)  # refuse before any work is done
+        prepare_output_dir(self.output_dir, self.output_names(), self.overwrite, self.overwrite_hint)  # before any work
         source = open_video(self.video)
         annotations = read_annotations(self.masks, self.frames, source.info)
-        info = source.info
-        need = estimate_output_bytes(info, self.save_png, self.overlay_format if self.save_overlay else None)
-        detail = f"estimated from the {info.num_frames}×{info.height}×{info.width} label buffer and the outputs"
+        self._check_dicom_seg(annotations)
+        names = [n for n in self.output_names() if not n.endswith(SEG_SUFFIX)]  # the SEG is placed on its own
+        out = self.output_dir.absolute()
+        info, seg, seg_error = source.info, None, None
+        frame_bytes = label_frame_bytes(annotations)
+        segments = len({int(v) for a in annotations.values() for v in np.unique(a)} - {0}) if self.save_dicom_seg else 0
+        overlay = self.overlay_format if self.save_overlay else None
+        need = estimate_output_bytes(info, self.save_png, overlay, frame_bytes, segments)
+        detail = f"{info.num_frames} frames of {info.height}×{info.width} labels at about {frame_bytes} bytes a frame"
         with staged_output(out, names, self.overwrite, need_bytes=need, need_detail=detail) as staging:
             with LabelSeriesWriter(staging / names[0], info) as series:
                 if self.save_png:
@@ -190,10 +245,27 @@ class Prediction:
                         write_png_labels(staging / self.name, t, labels)
                 if self.save_overlay:  # from the writer's on-disk buffer: frames in order, never all in RAM
                     write_overlay(staging / names[-1], source, series.labels)
-                if self.save_dicom_seg:
-                    seg = staging / (self.name + SEG_SUFFIX)
-                    write_dicom_seg(seg, self.dicom_source, series.labels, self.label_names)
+                if self.save_dicom_seg:  # built now, while the labels are at hand; written once the others are placed
+                    try:
+                        seg = build_dicom_seg(self.dicom_source, series.labels, self.label_names)
+                    except InputError as exc:  # what the trial did not foresee costs the SEG only
+                        seg_error = exc
         written = [str(out / n) + ("/ (PNG label maps)" if n == self.name else "") for n in names]
+        if self.save_dicom_seg:
+            seg_name = self.name + SEG_SUFFIX
+            try:
+                if seg_error is not None:
+                    raise seg_error
+                with staged_output(out, [seg_name], self.overwrite) as staging:
+                    save_dicom_seg(seg, staging / seg_name)
+            except InputError as exc:
+                cause = str(exc).removeprefix(f"{out / seg_name}: ")
+                earlier = "; the earlier SEG is still there" if os.path.lexists(out / seg_name) else ""
+                raise InputError(
+                    f"{out / seg_name}: the DICOM SEG was not written ({cause}){earlier}; the other outputs were "
+                    f"written: {', '.join(written)}"
+                ) from exc
+            written.insert(1, str(out / seg_name))
         print(
             f"wrote {', '.join(written)}: {len(source)} frames propagated from annotated frame(s) {sorted(annotations)}"
         )

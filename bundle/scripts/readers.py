@@ -60,7 +60,7 @@ class NiftiLayout:
     """
 
     shape: tuple[int, ...]  # the input's array shape without an RGB channel axis (W×H×T, W×H×1×T, W×H×D, ...)
-    zooms: tuple[float, ...]  # the input's pixdim of each of those axes
+    zooms: tuple[float, ...]  # the input's pixdim[1:8], every one: a W×H×T file may keep its frame time in pixdim[4]
     units: tuple[str, str]  # the input's xyzt units (space, time), nibabel's names
     qform: np.ndarray  # 4×4, with its qform_code
     qform_code: int
@@ -235,7 +235,7 @@ class NiftiSeries:
         space, time = header.get_xyzt_units()
         return NiftiLayout(
             shape=shape,
-            zooms=tuple(float(z) for z in header["pixdim"][1 : len(shape) + 1]),
+            zooms=tuple(float(z) for z in header["pixdim"][1:8]),
             units=(space, time),
             qform=header.get_qform(coded=False),
             qform_code=int(header["qform_code"]),
