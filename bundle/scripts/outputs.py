@@ -177,8 +177,11 @@ def output_lock(directory: str | Path) -> Iterator[Path]:
         raise
     _held[key] = 1
     try:
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, (_holder_line() + "\n").encode(), 0)
+        try:
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, (_holder_line() + "\n").encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds without the note, and the job's own writes will report the disk
         yield key
     finally:
         del _held[key]
