@@ -131,6 +131,12 @@ def _acquire(lock_path: Path) -> int:
                 f"{lock_path.parent}: another job is writing into this folder ({holder}); wait for it to end or "
                 "choose another output folder"
             ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(handle)
+                raise
+            logger.warning(f"{lock_path.parent}: no file locks on this filesystem; a second job here is not stopped")
+            return handle
         except BaseException:
             os.close(handle)
             raise
