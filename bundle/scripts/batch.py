@@ -23,7 +23,7 @@ from monai.data import load_decathlon_datalist
 from scripts.distributed import gather, job_lock, rank_and_size, share
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
-from scripts.outputs import staged_output
+from scripts.outputs import output_lock, remove_stale_staging, staged_output
 from scripts.predict import Prediction, video_name
 from scripts.readers import IMAGE_SUFFIXES, NiftiSeries, natural_key
 
@@ -208,6 +208,9 @@ class BatchPrediction:
                 **self.options,
             )
             names = prediction.output_names()
+            if out.is_dir():  # a video skipped below still gets a killed run's staging cleared
+                with output_lock(out):
+                    remove_stale_staging(out)
             present = [n for n in names if os.path.lexists(out / n)]
             if len(present) == len(names) and not self.overwrite:
                 return {**record, "status": "skipped", "outputs": names}
