@@ -139,6 +139,7 @@ def test_batch_isolates_failures_and_resumes_from_disk(tmp_path: Path) -> None:
     before = outputs_of(out / "clip0")
     (out / "clip1" / "clip1_seg.nii.gz").unlink()  # only its PNG folder is left
     (out / "clip2" / f"{STAGING_PREFIX}killed").mkdir()  # what a SIGKILLed run leaves behind
+    (out / "clip2" / LOCK_NAME).write_text("pid 4242 on elsewhere: the killed run")  # its lock, released by the OS
     (out / "clip2" / "notes.txt").write_text("the user's notes")
     rerun = BatchPrediction(**options)
     rerun.finish()  # before a run: nothing to report, nothing raised
