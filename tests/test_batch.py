@@ -29,7 +29,7 @@ from scripts.baselines import CopyFirstFrame
 from scripts.batch import REPORT, BatchPrediction, read_datalist
 from scripts.distributed import share
 from scripts.errors import InputError
-from scripts.outputs import STAGING_PREFIX
+from scripts.outputs import LOCK_NAME, STAGING_PREFIX
 from scripts.predict import Prediction
 from scripts.synthetic import SyntheticEchoSource
 
@@ -110,9 +110,9 @@ def test_shares_cover_the_list_once() -> None:
 
 
 def outputs_of(directory: Path) -> dict[str, float]:
-    """Every file below `directory` and its modification time, hidden staging folders left out (a kill may leave one
-    beside finished outputs, and the rerun clears it)."""
-    files = (p for p in sorted(directory.rglob("*")) if p.is_file())
+    """Every file below `directory` and its modification time, hidden staging folders and the folder's lock file left
+    out (a kill may leave them beside finished outputs, and the rerun clears them)."""
+    files = (p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_NAME)
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in files if STAGING_PREFIX not in str(p)}
 
 
@@ -139,6 +139,7 @@ def test_batch_isolates_failures_and_resumes_from_disk(tmp_path: Path) -> None:
     before = outputs_of(out / "clip0")
     (out / "clip1" / "clip1_seg.nii.gz").unlink()  # only its PNG folder is left
     (out / "clip2" / f"{STAGING_PREFIX}killed").mkdir()  # what a SIGKILLed run leaves behind
+    (out / "clip2" / LOCK_NAME).write_text("pid 4242 on elsewhere: the killed run")  # its lock, released by the OS
     (out / "clip2" / "notes.txt").write_text("the user's notes")
     rerun = BatchPrediction(**options)
     rerun.finish()  # before a run: nothing to report, nothing raised

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import requires, version
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from scripts.export import FrameStep, export_onnx
@@ -27,6 +30,9 @@ METADATA = CONFIGS / "metadata.json"
 SCHEMA = CONFIGS / "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"  # the vendored schema, byte for byte as MONAI-extra-test-data 0.8.1
 INFERENCE = CONFIGS / "inference.json"
+LOCK = REPO / "constraints.txt"
+INSTALL = 'pip install -c constraints.txt -e ".[dev]"'
+TEST_COMMAND = 'python -m pytest -q -m "slow or not slow"'
 SAMPLE = BUNDLE / "sample" / "vocalfolds"
 SEQUENCE = "patient2_seq7"
 # every download attempt fails fast: the checks below must not need the network
@@ -91,20 +97,64 @@ def eager_network(ckpt: Path) -> TCMN:
     return net.eval()
 
 
+def locked_versions() -> dict[str, str]:
+    """The lock's pins, by name as pip compares names; every line that is not a comment must be `name==version`."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            match = re.fullmatch(r"([A-Za-z0-9._-]+)==([0-9][0-9A-Za-z.]*)", line.strip())
+            assert match, f"{LOCK}: {line!r} is not an exact pin"
+            pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
 def test_metadata_fields_match_environment() -> None:
+    """metadata.json pins exactly what the lock installs, and this environment is the locked one."""
     meta = json.loads(METADATA.read_text())
     jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
     assert meta["schema"].endswith("/" + SCHEMA.name)
     assert meta["version"] in meta["changelog"]
-    assert meta["monai_version"] == version("monai")
-    assert meta["pytorch_version"] == torch.__version__.split("+")[0]
-    assert meta["numpy_version"] == np.__version__
-    assert meta["required_packages_version"] == {name: version(name) for name in meta["required_packages_version"]}
+    pinned = {
+        "monai": meta["monai_version"],
+        "torch": meta["pytorch_version"],
+        "numpy": meta["numpy_version"],
+        **meta["required_packages_version"],
+    }
+    lock = locked_versions()
+    assert {name: lock.get(canonicalize_name(name)) for name in pinned} == pinned, "metadata.json and the lock differ"
+    installed = {name: version(name).split("+")[0] for name in pinned}
+    assert installed == pinned, f"this environment is not the locked one; install it with {INSTALL}"
     # MONAI renames the deprecated `optional_packages_version` to `required_packages_version`, dropping the latter
     assert "optional_packages_version" not in meta
     broken = {k: v for k, v in meta.items() if k != "network_data_format"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, json.loads(SCHEMA.read_text()))
+
+
+def test_quickstart_and_ci_install_the_lock() -> None:
+    """The lock pins every requirement of the project and its dev extra (torch at 2.13.0) to a version that meets it,
+    the README's Quickstart is its two commands, each installing from the lock, and CI installs from the lock into a
+    fresh venv and runs the README's test command there."""
+    lock = locked_versions()
+    assert lock["torch"] == "2.13.0"
+    wanted = [Requirement(r) for r in requires("tcmn-bundle")]
+    wanted = [r for r in wanted if r.marker is None or r.marker.evaluate({"extra": "dev"})]
+    assert len(wanted) > 30
+    for requirement in wanted:
+        pinned = lock.get(canonicalize_name(requirement.name))
+        assert pinned is not None and requirement.specifier.contains(pinned, prereleases=True), str(requirement)
+
+    readme = (REPO / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert len(quickstart) == 2
+    assert quickstart[0].startswith(f"{INSTALL} && python -m monai.bundle run inference ")
+    assert quickstart[1] == f"{INSTALL} && {TEST_COMMAND}"
+    assert ".ci/refresh-lock" in readme
+
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'python -m venv "$tmp/venv"' in ci and 'source "$tmp/venv/bin/activate"' in ci
+    assert re.search(r"^pip install .*-c constraints\.txt -e \"\.\[dev\]\"$", ci, re.M)
+    assert ci.rstrip().endswith(f"{TEST_COMMAND} --durations=20")
 
 
 @pytest.mark.slow

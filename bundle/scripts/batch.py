@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -21,10 +20,10 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
-from scripts.distributed import gather, rank_and_size, share
+from scripts.distributed import gather, job_lock, rank_and_size, share
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
-from scripts.outputs import STAGING_PREFIX, staged_output
+from scripts.outputs import output_lock, remove_stale_staging, staged_output
 from scripts.predict import Prediction, video_name
 from scripts.readers import IMAGE_SUFFIXES, NiftiSeries, natural_key
 
@@ -110,8 +109,8 @@ class BatchPrediction:
 
     ``overwrite`` redoes videos whose outputs exist (replacing exactly those); otherwise complete videos are skipped
     and a video holding only some of its outputs (an earlier run with other options) is redone. Every other argument
-    is `Prediction`'s, applied to each video. One batch at a time per output folder: a rank removes the staging
-    folders that a killed run of its videos left behind.
+    is `Prediction`'s, applied to each video. Rank 0 holds the output folder's lock for the whole batch, so a second
+    job on the same folder is refused at once; each video's job clears the staging a killed run left there.
     """
 
     def __init__(
@@ -151,6 +150,10 @@ class BatchPrediction:
 
     def run(self) -> dict:
         """Propagate this rank's videos, gather every rank's records and write the report (rank 0); returns it."""
+        with job_lock(self.output_dir):
+            return self._run()
+
+    def _run(self) -> dict:
         rank, world_size = rank_and_size()
         mine = share(self.videos, rank, world_size)
         start = time.perf_counter()
@@ -205,7 +208,9 @@ class BatchPrediction:
                 **self.options,
             )
             names = prediction.output_names()
-            _remove_stale_staging(out)
+            if out.is_dir():  # a video skipped below still gets a killed run's staging cleared
+                with output_lock(out):
+                    remove_stale_staging(out)
             present = [n for n in names if os.path.lexists(out / n)]
             if len(present) == len(names) and not self.overwrite:
                 return {**record, "status": "skipped", "outputs": names}
@@ -257,11 +262,3 @@ class BatchPrediction:
             "ranks": ranks,
             "results": results,
         }
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Staging folders of a killed run of this video: the bundle's own (their prefix), never results."""
-    if out.is_dir():
-        for path in out.iterdir():
-            if path.name.startswith(STAGING_PREFIX) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)

@@ -3,14 +3,20 @@
 The configs (`batch_inference.json`, `multi_gpu_evaluate.json`) start and end the process group, as
 `multi_gpu_train.json` does; everything here also runs as one plain process (no process group: one rank of one).
 Shares come from MONAI's `partition_dataset` (interleaved, uneven lists allowed), so a rank's share is fixed by the
-list alone and a rerun gives every rank the same videos again.
+list alone and a rerun gives every rank the same videos again. Under torchrun each rank ends with its launcher
+(`die_with_launcher`), and rank 0 holds the output folder's lock for the whole job (`job_lock`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,9 +25,56 @@ from monai.data import partition_dataset
 
 from scripts.errors import InputError
 from scripts.evaluate import OUTPUTS, Evaluation
-from scripts.outputs import prepare_output_dir
+from scripts.outputs import output_lock, prepare_output_dir
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, make this rank end when its launcher ends, however the launcher ends (called first by every
+    job a config may start under torchrun).
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process group (``kill -9 -PGID``, a
+    closed terminal) does not reach the ranks, and orphaned ranks would go on writing while a rerun starts. The
+    kernel's parent-death signal (Linux ``prctl(PR_SET_PDEATHSIG)``, through ctypes as Python has no binding) kills
+    the rank the moment its parent, torchrun's agent, exits. It was chosen over a watchdog thread polling the parent
+    pid because the kernel delivers it at once, even while the rank holds the GIL in a long native call, with
+    nothing to poll. The signal is SIGKILL: nothing waits for the rank's results any more, and what a killed job
+    leaves (its staging folder, the lock file) the next job there clears (`scripts.outputs`). On other systems this
+    does nothing (torchrun jobs run on Linux here).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_PDEATHSIG): {os.strerror(code)}")
+    if parent == 1 or os.getppid() != parent:  # the launcher ended before the signal was armed
+        print("error: torchrun's launcher has ended; this rank stops too", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+@contextmanager
+def job_lock(directory: str | Path) -> Iterator[None]:
+    """The job's `output_lock` on ``directory``, held by rank 0 for every rank until the job ends.
+
+    Every rank is refused alike, with rank 0's line naming the job that holds the folder. The lock is in the folder
+    itself, so with one folder per node (not shared) only rank 0's node is guarded.
+    """
+    rank, _ = rank_and_size()
+    with ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(output_lock(directory))
+            except InputError as exc:
+                refusal = str(exc)
+        refusal = gather(refusal)[0]
+        if refusal is not None:
+            raise InputError(refusal)
+        yield
 
 
 def rank_and_size() -> tuple[int, int]:
@@ -68,23 +121,24 @@ class DistributedEvaluation(Evaluation):
         if world_size == 1:
             return super().run()
         prepare_output_dir(self.output_dir, OUTPUTS, self.overwrite)  # every rank refuses alike, early
-        selected = self.select()
-        mine: dict[str, tuple[dict | str, dict[str, bytes]]] = {}
-        scratch = Path(tempfile.mkdtemp(prefix=".tcmn-eval-"))
-        try:
-            for seq in share(selected, rank, world_size):
-                pred_dir = scratch / seq.dataset / seq.name
-                try:
-                    result = super().evaluate_sequence(seq, pred_dir)
-                except InputError as exc:  # a sequence that cannot be scored: rank 0's run reports it
-                    mine[seq.key] = (str(exc), {})
-                    continue
-                mine[seq.key] = (result, {p.name: p.read_bytes() for p in sorted(pred_dir.iterdir())})
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        self._gathered = {key: value for part in gather(mine) for key, value in part.items()}
-        report = super().run() if rank == 0 else None
-        return gather(report)[0]
+        with job_lock(self.output_dir):
+            selected = self.select()
+            mine: dict[str, tuple[dict | str, dict[str, bytes]]] = {}
+            scratch = Path(tempfile.mkdtemp(prefix=".tcmn-eval-"))
+            try:
+                for seq in share(selected, rank, world_size):
+                    pred_dir = scratch / seq.dataset / seq.name
+                    try:
+                        result = super().evaluate_sequence(seq, pred_dir)
+                    except InputError as exc:  # a sequence that cannot be scored: rank 0's run reports it
+                        mine[seq.key] = (str(exc), {})
+                        continue
+                    mine[seq.key] = (result, {p.name: p.read_bytes() for p in sorted(pred_dir.iterdir())})
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            self._gathered = {key: value for part in gather(mine) for key, value in part.items()}
+            report = super().run() if rank == 0 else None
+            return gather(report)[0]
 
     def evaluate_sequence(self, seq, pred_dir: Path) -> dict:
         """Under a process group: the result a rank gathered, its predictions written into `pred_dir`."""

@@ -4,15 +4,22 @@ A NIfTI input's label series is written in its own layout (``VideoInfo.layout``:
 so it overlays on the input in a viewer; other inputs' as ``W×H×1×T`` with their affine and ``pixdim[4] = 1 / fps``
 (the axis convention of ``scripts.readers``). Either way they read back exactly. Every job writes through
 ``staged_output``, which replaces only the names the job declares, so a failed run leaves no partial results and
-never touches anything else in the folder.
+never touches anything else in the folder. One job at a time writes a folder (``output_lock``), and each job first
+removes the staging that killed jobs left there (``remove_stale_staging``).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -28,7 +35,13 @@ from PIL import Image
 from scripts.errors import InputError
 from scripts.readers import NIFTI_SUFFIXES, RGB24, NiftiLayout, VideoInfo, path_suffix
 
+logger = logging.getLogger(__name__)
+
 STAGING_PREFIX = ".tcmn-staging."
+# a staging folder is named STAGING_PREFIX + "<pid of its job>." + random, so a later job can tell a killed job's
+# from a running one's
+_STAGING_PID = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)\.")
+LOCK_NAME = ".tcmn-lock"
 # errors that mean "the results cannot be written here"; any of them ends the job with the folder and the cause
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY}
 
@@ -93,6 +106,147 @@ def _make_dirs(path: Path) -> list[Path]:
     return missing
 
 
+# folders this process holds the lock of (resolved path -> nesting depth): a job's own nested writes, such as the
+# batch report inside the batch's folder, must not refuse each other (two flocks of one process would conflict)
+_held: dict[Path, int] = {}
+
+
+def _holder_line() -> str:
+    """Who holds a lock, as the refused job will print it: pid, host, start time and command line."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
+    command = " ".join(getattr(sys, "orig_argv", sys.argv))
+    command = command if len(command) <= 300 else command[:297] + "..."
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}"
+
+
+def _acquire(lock_path: Path) -> int:
+    """Open and ``flock`` ``lock_path`` without waiting; returns the descriptor, or raises ``InputError`` naming the
+    job that holds it.
+
+    A holder removes the file when it ends, so the file this process locked may already be unlinked: the lock then
+    protects nothing, and the path is opened again until the locked file is the one the path names.
+    """
+    while True:
+        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 4096).decode(errors="replace").strip() or "a job that has not said who it is yet"
+            os.close(handle)
+            raise InputError(
+                f"{lock_path.parent}: another job is writing into this folder ({holder}); wait for it to end or "
+                "choose another output folder"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(handle)
+                raise
+            logger.warning(f"{lock_path.parent}: no file locks on this filesystem; a second job here is not stopped")
+            return handle
+        except BaseException:
+            os.close(handle)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(handle), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        os.close(handle)  # the previous holder removed it between our open and flock: take the new one
+
+
+@contextmanager
+def output_lock(directory: str | Path) -> Iterator[Path]:
+    """Hold the job's lock on ``directory`` (created if missing, removed again if it is left empty) while writing.
+
+    A second job on the same folder is refused at once with one line naming the first (pid, host, start, command),
+    so two jobs never write the same outputs. The lock is ``flock`` on a hidden ``.tcmn-lock`` file in the folder:
+    the kernel releases it when its holder ends in any way, SIGKILL included, so a killed job never blocks the next
+    one (``fcntl.flock`` rather than a pid file, whose staleness would have to be guessed). The file is removed when
+    the job ends; one left by a killed job is taken over and removed by the next job there. Nested use by the same
+    process (a job's own writes inside its folder) is allowed. Yields the resolved folder.
+    """
+    directory = Path(directory).absolute()
+    try:
+        created = _make_dirs(directory)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot create the output directory: {exc.strerror or exc}") from exc
+    key = directory.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield key
+        finally:
+            _held[key] -= 1
+        return
+    lock_path = key / LOCK_NAME
+    try:
+        handle = _acquire(lock_path)
+    except BaseException as exc:
+        _remove_dirs(created)
+        if isinstance(exc, OSError):
+            raise InputError(f"{directory}: cannot write the results: {exc.strerror or exc}") from exc
+        raise
+    _held[key] = 1
+    try:
+        try:
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, (_holder_line() + "\n").encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds without the note, and the job's own writes will report the disk
+        yield key
+    finally:
+        del _held[key]
+        try:
+            os.unlink(lock_path)  # while still holding it: a job that opened it meanwhile retries on the new file
+        except OSError:
+            pass  # removed or made read-only meanwhile: nothing of the user's is at stake
+        os.close(handle)
+        _remove_dirs(created)
+
+
+def _pid_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine; a zombie (ended, its exit status not yet collected) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc to ask (not Linux): it exists
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def remove_stale_staging(directory: str | Path) -> list[Path]:
+    """Remove the staging folders in ``directory`` that jobs which no longer run left behind (a job killed with
+    SIGKILL cannot remove its own); returns them. Call it holding ``output_lock(directory)``: no job can then be
+    creating one there. Only the bundle's own hidden ``.tcmn-staging.<pid>.*`` folders are touched: one whose pid
+    still runs is kept, and one without a pid comes from a version of the bundle that did not record it.
+
+    A job killed during its hand-over may have set earlier results aside (``.replaced/``): each is put back where
+    its name is free again, and a folder still holding any is kept, with a warning, so nothing earlier is lost.
+    """
+    removed = []
+    for path in Path(directory).glob(STAGING_PREFIX + "*"):
+        match = _STAGING_PID.match(path.name)
+        if not path.is_dir() or path.is_symlink() or (match and _pid_runs(int(match.group(1)))):
+            continue
+        aside = path / ".replaced"
+        if aside.is_dir():
+            for entry in list(aside.iterdir()):
+                if not os.path.lexists(path.parent / entry.name):
+                    os.rename(entry, path.parent / entry.name)
+            if any(aside.iterdir()):
+                logger.warning(f"{aside}: earlier results set aside by a job that was killed; kept, move them back")
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def staged_output(
     directory: str | Path,
@@ -114,15 +268,22 @@ def staged_output(
     """
     names = _check_names(names)
     directory = prepare_output_dir(directory, names, overwrite)
-    try:
-        created = _make_dirs(directory)
-    except OSError as exc:
-        raise InputError(f"{directory}: cannot create the output directory: {exc.strerror or exc}") from exc
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
-    except OSError as exc:
-        _remove_dirs(created)
-        raise InputError(f"{directory}: cannot write the results: {exc.strerror or exc}") from exc
+    with output_lock(directory):
+        remove_stale_staging(directory)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}.", dir=directory))
+        except OSError as exc:
+            raise InputError(f"{directory}: cannot write the results: {exc.strerror or exc}") from exc
+        with _staged(directory, staging, names, overwrite, need_bytes, need_detail):
+            yield staging
+
+
+@contextmanager
+def _staged(
+    directory: Path, staging: Path, names: tuple[str, ...], overwrite: bool, need_bytes: int, need_detail: str
+) -> Iterator[None]:
+    """``staged_output`` once the folder is locked and the staging folder made: the checks, the body and the
+    hand-over, or the roll-back."""
     aside, set_aside, placed = staging / ".replaced", [], []
     try:
         free = shutil.disk_usage(staging).free
@@ -131,7 +292,7 @@ def staged_output(
                 f"{directory}: not enough free space: {_size(free)} free, the outputs need about {_size(need_bytes)}"
                 + (f" ({need_detail})" if need_detail else "")
             )
-        yield staging
+        yield
         written = sorted(p.name for p in staging.iterdir())
         if written != sorted(names):
             raise RuntimeError(f"{directory}: the job wrote {written} instead of its declared outputs {sorted(names)}")
@@ -149,7 +310,6 @@ def staged_output(
         if kept:  # never delete earlier results that could not be put back
             raise InputError(f"{aside}: could not put back the earlier results {kept}; they are kept here") from exc
         shutil.rmtree(staging, ignore_errors=True)
-        _remove_dirs(created)
         if isinstance(exc, OSError):
             error = _cannot_write(exc, directory, staging, names)
             if error is not None:
