@@ -108,8 +108,8 @@ class TestTimeAdaptation:
     Called with the network a propagator holds (an eager `TCMN`, or the `RuntimeNetwork` wrapping one), the annotated
     frames (index → 1×3×H×W in [0, 1]) and their label maps (index → H×W, objects 1..K); returns the network to
     propagate with: the same object when off, else an adapted copy (wrapped for the same runtime). `target` names the
-    trained part (`TARGETS`); training stops after `steps` batches of `batch_size` clips or after `seconds`, whichever
-    comes first (with the time limit binding, how many steps ran depends on the machine). Clips are drawn from `seed`,
+    trained part (`TARGETS`); training stops after `steps` batches of `batch_size` clips or after `seconds` (0: no
+    limit), whichever comes first (with the time limit binding, how many steps ran depends on the machine). Clips are drawn from `seed`,
     so, the step limit binding, the result is the same on every run on the same machine.
     """
 
@@ -121,12 +121,12 @@ class TestTimeAdaptation:
         lr: float = 1e-4,
         target: str = "decoder",
         batch_size: int = 2,
-        seconds: float | None = None,
+        seconds: float = 0.0,
         seed: int = 0,
         config_files: tuple[str | Path, ...] | None = None,
     ) -> None:
-        if steps < 0 or batch_size < 1 or (seconds is not None and seconds <= 0):
-            raise ValueError(f"need steps >= 0, batch_size >= 1, seconds > 0, got {steps}, {batch_size}, {seconds}")
+        if steps < 0 or batch_size < 1 or seconds < 0:
+            raise ValueError(f"need steps >= 0, batch_size >= 1, seconds >= 0, got {steps}, {batch_size}, {seconds}")
         check_lr(lr)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
@@ -187,9 +187,9 @@ class TestTimeAdaptation:
             iteration_update=step,
         )
         trainer.logger.setLevel(logging.WARNING)  # ignite's start and end lines for every video; one line below
-        if self.seconds is not None:
-            # the clips are made and the trainer built within the same budget
-            remaining = max(self.seconds - (time.monotonic() - started), 1e-3)
+        if self.seconds:
+            # the trainer was built within the same budget; ignite's TimeLimit takes whole seconds
+            remaining = max(int(self.seconds - (time.monotonic() - started)), 1)
             trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(remaining))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
