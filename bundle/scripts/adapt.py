@@ -109,8 +109,8 @@ class TestTimeAdaptation:
     frames (index → 1×3×H×W in [0, 1]) and their label maps (index → H×W, objects 1..K); returns the network to
     propagate with: the same object when off, else an adapted copy (wrapped for the same runtime). `target` names the
     trained part (`TARGETS`); training stops after `steps` batches of `batch_size` clips or after `seconds` (0: no
-    limit), whichever comes first (with the time limit binding, how many steps ran depends on the machine). Clips are drawn from `seed`,
-    so, the step limit binding, the result is the same on every run on the same machine.
+    limit), whichever comes first (with the time limit binding, how many steps ran depends on the machine). Clips are
+    drawn from `seed`, so, the step limit binding, the result is the same on every run on the same machine.
     """
 
     __test__ = False  # not a pytest class, despite its name
@@ -201,4 +201,3 @@ class TestTimeAdaptation:
         )
         adapted.eval().requires_grad_(False)
         return adapted
-

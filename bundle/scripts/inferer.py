@@ -158,8 +158,9 @@ class PropagationInferer(Inferer):
         device: str | torch.device = "cpu",
         amp: bool = True,
         progress: bool = False,
-        adapt: Callable[[torch.nn.Module, Mapping[int, torch.Tensor], Mapping[int, torch.Tensor]], torch.nn.Module]
-        | None = None,
+        adapt: (
+            Callable[[torch.nn.Module, Mapping[int, torch.Tensor], Mapping[int, torch.Tensor]], torch.nn.Module] | None
+        ) = None,
     ) -> None:
         super().__init__()
         if mem_every < 1:
