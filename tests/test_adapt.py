@@ -151,5 +151,5 @@ def test_inference_with_adaptation_on_the_sample(tmp_path: Path) -> None:
     annotation = np.asarray(Image.open(SAMPLE / "Annotations" / SAMPLE_SEQUENCE / "00000.png"))
     assert labels.shape == (24, 512, 512)
     np.testing.assert_array_equal(labels[0], annotation)
-    assert "adapted the decoder to 1 annotated frame(s): 2 steps in" in result.stdout + result.stderr
+    assert "adapted the bottleneck to 1 annotated frame(s): 2 steps in" in result.stdout + result.stderr
     assert sha256(WEIGHTS) == before

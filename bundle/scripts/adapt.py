@@ -119,7 +119,7 @@ class TestTimeAdaptation:
         self,
         steps: int = 0,
         lr: float = 1e-4,
-        target: str = "decoder",
+        target: str = "bottleneck",
         batch_size: int = 2,
         seconds: float = 0.0,
         seed: int = 0,
