@@ -104,6 +104,19 @@ def test_the_time_limit_stops_the_steps(frames, annotation) -> None:
     assert elapsed < 3.0 + 30, elapsed
 
 
+def test_an_object_too_small_for_clips_leaves_the_network_as_it_is(caplog: pytest.LogCaptureFixture) -> None:
+    """A one-pixel object in a 512² frame does not survive the resize to the static stage's 320 (nearest-exact samples
+    rows and columns 0, 2, 4, …, 1 among the skipped): no clip can be made, so the job goes on unadapted, saying so."""
+    frame = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(512, 512, dtype=torch.int64)
+    labels[1, 1] = 1
+    network = shipped()
+    adaptation = TestTimeAdaptation(steps=2)
+    with caplog.at_level("WARNING", logger="scripts.adapt"):
+        assert adaptation(network, {0: frame}, {0: labels}) is network
+    assert adaptation.last_steps == 0 and "propagating without adaptation" in caplog.text
+
+
 @pytest.mark.parametrize("config", ["inference.json", "evaluate.json", "batch_inference.json", "app.json"])
 @pytest.mark.parametrize(
     "overrides, line",

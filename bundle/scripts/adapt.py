@@ -69,22 +69,32 @@ def static_stage(config_files: tuple[str | Path, ...] | None = None) -> ConfigPa
     return parser
 
 
+def resized_stills(
+    frames: Mapping[int, torch.Tensor], labels: Mapping[int, torch.Tensor], load_size: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Annotated frames as the static stage loads stills (short side `load_size`; 3×h×w image, 1×h×w labels), those
+    only where an object survives the resize (a few-pixel object in a large frame may not)."""
+    stills = {}
+    for t in sorted(frames):
+        image = frames[t].float().cpu()  # 1×3×H×W in [0, 1]
+        shape = short_side_shape(*image.shape[-2:], load_size)
+        image = F.interpolate(image, shape, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+        label = F.interpolate(labels[t].float().cpu()[None, None], shape, mode="nearest-exact")[0]
+        if label.max() > 0:
+            stills[t] = (image, label)
+    return stills
+
+
 class FrameClips(StaticClipDataset):
-    """`StaticClipDataset` over frames already in memory (the annotated frames of the video being segmented).
+    """`StaticClipDataset` over stills already in memory (`resized_stills` of the video being segmented).
 
     Only where a still comes from differs (`_load`); drawing, clip and frame transforms are the static stage's.
     """
 
-    def __init__(self, frames: Mapping[int, torch.Tensor], labels: Mapping[int, torch.Tensor], **kwargs) -> None:
-        images = [StaticImage("video", Path(f"frame{t}"), Path(f"frame{t}")) for t in sorted(frames)]
+    def __init__(self, stills: Mapping[int, tuple[torch.Tensor, torch.Tensor]], **kwargs) -> None:
+        images = [StaticImage("video", Path(f"frame{t}"), Path(f"frame{t}")) for t in sorted(stills)]
         super().__init__(images, cache=False, **kwargs)
-        self.stills: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
-        for still, t in zip(images, sorted(frames)):
-            image = frames[t].float().cpu()  # 1×3×H×W in [0, 1]
-            label = labels[t].float().cpu()[None, None]
-            shape = short_side_shape(*image.shape[-2:], self.load_size)
-            image = F.interpolate(image, shape, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
-            self.stills[still.image] = (image, F.interpolate(label, shape, mode="nearest-exact")[0])
+        self.stills = {still.image: stills[t] for still, t in zip(images, sorted(stills))}
 
     def _load(self, still: StaticImage) -> tuple[torch.Tensor, torch.Tensor]:
         return self.stills[still.image]
@@ -146,13 +156,25 @@ class TestTimeAdaptation:
                 f"--adapt_steps {self.steps}: needs the eager network (--ckpt_path), not {type(eager).__name__}"
             )
         adapted = self.adapt(eager, frames, labels)
+        if adapted is eager:
+            return network
         if isinstance(network, RuntimeNetwork):
             return RuntimeNetwork(adapted, network.runtime, threads=network.threads)
         return adapted
 
     def adapt(self, network: TCMN, frames: Mapping[int, torch.Tensor], labels: Mapping[int, torch.Tensor]) -> TCMN:
-        """An eval-mode copy of `network` with its `target` fine-tuned on clips of `frames`."""
+        """An eval-mode copy of `network` with its `target` fine-tuned on clips of `frames` (`network` itself, with a
+        warning, when no annotated object survives the resize to the static stage's size)."""
         started = time.monotonic()
+        stage = static_stage(self.config_files)
+        stills = resized_stills(frames, labels, stage["static_load_size"])
+        if not stills:
+            logger.warning(
+                f"--adapt_steps {self.steps}: no annotated object is left at the adaptation's frame size (short side "
+                f"{stage['static_load_size']}), too small to make clips of; propagating without adaptation"
+            )
+            self.last_steps = 0
+            return network
         device = next(network.parameters()).device
         adapted = copy.deepcopy(network)
         prefixes = TARGETS[self.target]
@@ -161,10 +183,8 @@ class TestTimeAdaptation:
             parameter.requires_grad_(name.startswith(prefixes))
             if parameter.requires_grad:
                 trained.append(parameter)
-        stage = static_stage(self.config_files)
         dataset = FrameClips(
-            frames,
-            labels,
+            stills,
             clip_transforms=stage.get_parsed_content("train#clip_transforms"),
             frame_transforms=stage.get_parsed_content("train#frame_transforms"),
             num_frames=stage["num_frames"],
@@ -196,7 +216,7 @@ class TestTimeAdaptation:
             trainer.run()
         self.last_steps = trainer.state.iteration
         logger.info(
-            f"adapted the {self.target} to {len(frames)} annotated frame(s): {self.last_steps} steps in "
+            f"adapted the {self.target} to {len(stills)} annotated frame(s): {self.last_steps} steps in "
             f"{time.monotonic() - started:.1f} s"
         )
         adapted.eval().requires_grad_(False)
