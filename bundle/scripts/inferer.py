@@ -146,7 +146,8 @@ class PropagationInferer(Inferer):
 
     Every non-zero label is an object; objects are segmented together with soft aggregation. `memory` makes one
     empty `MemoryBank` per video (the config declares it with `"_mode_": "callable"`); see `PropagationState` for
-    `mem_every`, `size` and `amp`.
+    `mem_every`, `size` and `amp`. `adapt` (optional, `adapt.TestTimeAdaptation`) is called at the start of each
+    video with the network, the annotated frames and their labels, and gives the network to propagate that video with.
     """
 
     def __init__(
@@ -157,6 +158,9 @@ class PropagationInferer(Inferer):
         device: str | torch.device = "cpu",
         amp: bool = True,
         progress: bool = False,
+        adapt: (
+            Callable[[torch.nn.Module, Mapping[int, torch.Tensor], Mapping[int, torch.Tensor]], torch.nn.Module] | None
+        ) = None,
     ) -> None:
         super().__init__()
         if mem_every < 1:
@@ -167,6 +171,7 @@ class PropagationInferer(Inferer):
         self.device = torch.device(device)
         self.amp = amp
         self.progress = progress
+        self.adapt = adapt
 
     def start(self, network: torch.nn.Module, num_objects: int, size: int | None = None) -> PropagationState:
         """A fresh propagation state, with an empty memory bank, for one video (`size` overrides the inferer's)."""
@@ -227,9 +232,12 @@ class PropagationInferer(Inferer):
         for t in order:
             if not 0 <= t < num_frames:
                 raise IndexError(f"annotated frame {t} is outside the video's {num_frames} frames")
+        pinned = {t: get_frame(t) for t in order}
+        if self.adapt is not None:
+            network = self.adapt(network, pinned, annotations)
         state = self.start(network, int(max(int(a.max()) for a in annotations.values())), size)
         for t in order:
-            state.pin(get_frame(t), annotations[t])
+            state.pin(pinned[t], annotations[t])
         with tqdm(total=num_frames, disable=not self.progress, desc="propagating", unit="frame") as bar:
             for frames in (range(order[0], num_frames), range(order[0] - 1, -1, -1)):
                 state.new_pass()
