@@ -108,7 +108,7 @@ def test_evaluate_scores_the_clips(stills: Path, tmp_path: Path) -> None:
     """`evaluate.json` reads the clips as any DAVIS root (the copy baseline keeps this quick)."""
     write_heldout_clips(str(stills), tmp_path / "clips", clips=2, frames=3, size=48)
     wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.json"),
+        config_file=[str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
         run_id="evaluating",

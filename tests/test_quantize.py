@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import REPO
 from monai.bundle import ConfigParser
-from test_cli import bundle_command, run_all, succeeded
+from test_cli import bundle_command, config_files, run_all, succeeded
 
 from scripts.annotations import read_label_series
 from scripts.data import list_sequences
@@ -206,23 +206,19 @@ def test_every_model_config_declares_and_wires_the_flag(
 ) -> None:
     path = calibration.save(tmp_path / "int8.json")
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
+    parser.read_config(config_files(config))
     parser.update({"device": "$torch.device('cpu')"})
     assert parser["quantized"] is None
     parser.update({"quantized": str(path), "runtime": "onnxruntime"})
-    spec = parser.get_parsed_content("flags#quantized")
+    spec = parser.get_parsed_content("flags")["quantized"]
     assert spec["type"] == "path" and spec["optional"] and "python -m scripts.quantize" in spec["help"]
     spec["check"](str(path))
     parser.update({"runtime": "torch"})
     with pytest.raises(InputError, match="add --runtime onnxruntime"):
-        parser.get_parsed_content("flags#quantized", lazy=False)["check"](str(path))
-    if config != "app.json":
-        parser.update({"runtime": "onnxruntime"})
-        propagator = "model_propagator" if config == "evaluate.json" else "propagator"
-        network = parser.get_parsed_content(propagator, lazy=False).network
-        assert isinstance(network, RuntimeNetwork) and network.quantized.path == path
-    else:
-        assert "quantized=@quantized" in json.loads((CONFIGS / config).read_text())["propagator"]
+        parser.get_parsed_content("flags", lazy=False)["quantized"]["check"](str(path))
+    parser.update({"runtime": "onnxruntime"})
+    network = parser.get_parsed_content("propagator", lazy=False).network
+    assert isinstance(network, RuntimeNetwork) and network.quantized.path == path
 
 
 @pytest.mark.slow

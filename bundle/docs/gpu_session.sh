@@ -44,7 +44,7 @@ python3 -c "import torch; c = torch.load('/tmp/lite_nocon/checkpoints/checkpoint
 
 evaluate() {  # name, variant, weights, dataset root
     local ds; ds=$(basename "$4")
-    timeout 150 python3 -m monai.bundle run evaluating --meta_file $META --config_file bundle/configs/evaluate.json \
+    timeout 150 python3 -m monai.bundle run evaluating --meta_file $META --config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json']" \
         --dataset_dir "$4" --split val --ckpt_path "$3" --variant "$2" --output_dir "/tmp/eval/$1_$ds" \
         > "/tmp/eval_$1_$ds.log" 2>&1
 }

@@ -63,7 +63,7 @@ python3 -c "import torch; a = torch.load('bundle/models/model.pt', map_location=
 evaluate() {  # name, variant, checkpoint, dataset root (the val split of a data root; every held-out clip)
     local ds split="--split val"; ds=$(basename "$4")
     [ "$4" = "$HELDOUT" ] && ds=heldout_kvasir split=""
-    timeout 120 python3 -m monai.bundle run evaluating --meta_file $META --config_file bundle/configs/evaluate.json \
+    timeout 120 python3 -m monai.bundle run evaluating --meta_file $META --config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json']" \
         --dataset_dir "$4" $split --ckpt_path "$3" --variant "$2" --output_dir "/tmp/eval/$1_$ds" \
         > "/tmp/eval_$1_$ds.log" 2>&1
 }

@@ -44,7 +44,6 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "model.pt"
 STAGES = ("key encoding", "memory read", "decode", "value encoding")
 
 
@@ -75,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help=f"weights to load, or 'random'; default {DEFAULT_CHECKPOINT} if present (for the variants it fits) "
-        "else random initialisation",
+        help="weights to load, or 'random'; default the variant's shipped weights (bundle/models/model.pt for lite, "
+        "model_<variant>.pt for the others) if present, else random initialisation",
     )
     parser.add_argument("--warmup", type=int, default=5, help="propagated frames excluded from timing")
     parser.add_argument("--seed", type=int, default=0, help="synthetic clip and random-initialisation seed")
@@ -195,10 +194,12 @@ def _load_weights(net, variant: str, checkpoint: str | None, device) -> str:
     """Load the requested weights; returns how the model was initialised, for the table."""
     import torch
 
+    from scripts.network import weights_file
+
     explicit = checkpoint is not None
-    if checkpoint == "random" or (not explicit and not DEFAULT_CHECKPOINT.is_file()):
+    path = Path(checkpoint if explicit else weights_file(variant))
+    if checkpoint == "random" or (not explicit and not path.is_file()):
         return "random init"
-    path = Path(checkpoint) if explicit else DEFAULT_CHECKPOINT
     state = torch.load(path, map_location=device, weights_only=True)
     try:
         net.load_state_dict(state)

@@ -47,6 +47,16 @@ def as_bool(value: object) -> bool:
     return bool(value)
 
 
+def is_none(value: object) -> bool:
+    """An optional flag left out: None, '' or 'none' as `--help` shows it (fire reads only `None` as Python's)."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
+def optional(value: object) -> object:
+    """An optional flag's value for the objects it configures: None where `is_none`, else the value itself."""
+    return None if is_none(value) else value
+
+
 def as_list(value: object) -> list:
     """'a,b' strings, tuples (as fire parses '0,5') and scalars → list."""
     if value is None:
@@ -204,7 +214,7 @@ def accepted(spec: Mapping, value: object) -> str | None:
     kind = spec.get("type", "text")
     if kind not in TYPES:
         raise ValueError(f"flag type {kind!r} is not one of {TYPES}")
-    if spec.get("optional") and value in (None, ""):
+    if spec.get("optional") and is_none(value):
         return None
     if kind == "bool":
         ok = isinstance(value, bool) or value in (0, 1)
@@ -269,6 +279,18 @@ def _has(parser: ConfigParser, name: str) -> bool:
         return False
 
 
+def other_jobs_flags(parser: ConfigParser, flags: Mapping[str, Mapping]) -> set[str]:
+    """Flags declared in the configs (a section of `{name: {"value": "@name", …}}` declarations) but not this job's:
+    in a job layered over `inference.json`, the inference job's own flags (`--video`, `--save_png`) are items of the
+    merged config, yet the job would silently ignore them, so they are refused as any unknown flag is."""
+    declared = set()
+    for section in parser.get().values():
+        if isinstance(section, Mapping) and section:
+            if all(isinstance(v, Mapping) and v.get("value") == f"@{k}" for k, v in section.items()):
+                declared.update(section)
+    return declared - set(flags)
+
+
 def _suggestion(name: str, candidates: Sequence[str], parser: ConfigParser) -> str | None:
     """The closest valid name (difflib), among the siblings of a nested id `a#b`."""
     if "#" in name:
@@ -301,9 +323,11 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
             print(help_text(job, flags, list(line.overrides)))
             raise SystemExit(0)
         parser = _config_ids(line)
-        unknown = [name for name in line.overrides if name not in flags and not _has(parser, name)]
+        others = other_jobs_flags(parser, flags)
+        unknown = [n for n in line.overrides if n not in flags and (n in others or not _has(parser, n))]
         if unknown:
-            candidates = [*flags, *monai_options(), *(k for k in parser.get() if not str(k).startswith("_"))]
+            ids = (k for k in parser.get() if not str(k).startswith("_") and k not in others)
+            candidates = [*flags, *monai_options(), *ids]
             named = []
             for name in unknown:
                 match = _suggestion(name, candidates, parser)
@@ -318,7 +342,7 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
         problem = accepted(spec, spec.get("value"))
         if problem is not None:
             raise SystemExit(f"error: --{name} {show(spec.get('value'))}: {problem}")
-        if spec.get("check") is not None:
+        if spec.get("check") is not None and not (spec.get("optional") and is_none(spec.get("value"))):
             try:
                 spec["check"](spec.get("value"))
             except InputError as err:

@@ -47,11 +47,18 @@ LITE_BLOCKS = {
         "r1_k3_s11_e6_i208_o352",
     ],
 }
+MODELS = Path(__file__).resolve().parents[1] / "models"
 VARIANTS = {
     "lite": {"key_dim": 64, "value_dim": 96, "decoder_widths": (64, 32, 16), "backbone": "lite0"},
     "base": {"key_dim": 64, "value_dim": 128, "decoder_widths": (96, 48, 24), "backbone": "lite2"},
     "full": {"key_dim": 64, "value_dim": 512, "decoder_widths": (256, 256, 128), "backbone": "resnet50"},
 }
+
+
+def weights_file(variant: str = "lite") -> str:
+    """The shipped weights of `variant`, the default `--ckpt_path` of every job and tool: `models/model.pt` for
+    `lite`, `models/model_<variant>.pt` for the others, so that `--variant` alone never loads another variant's."""
+    return (MODELS / ("model.pt" if variant == "lite" else f"model_{variant}.pt")).as_posix()
 
 
 def lite_state_dict(backbone: str = "lite0") -> dict[str, torch.Tensor]:

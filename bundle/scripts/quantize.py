@@ -375,7 +375,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dataset_dir", required=True, help="DAVIS-layout dataset root(s), comma-separated")
     parser.add_argument("--output", required=True, type=Path, help="the int8 calibration file to write (JSON)")
-    parser.add_argument("--ckpt_path", type=Path, default=bundle / "models" / "model.pt", help="the network weights")
+    parser.add_argument(
+        "--ckpt_path", type=Path, default=None, help="the network weights (default: the variant's shipped weights)"
+    )
     parser.add_argument("--variant", default="lite", choices=sorted(FLOAT_NODES), help="the network's size")
     parser.add_argument(
         "--split_file",
@@ -404,7 +406,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     from scripts.data import list_sequences
-    from scripts.network import TCMN, load_network_weights
+    from scripts.network import TCMN, load_network_weights, weights_file
     from scripts.runtime import check_runtime
 
     prepare_job()  # as every job: one-line input errors, denormals flushed (as the inference it calibrates for)
@@ -423,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise InputError(
             f"--dataset_dir {args.dataset_dir}: no training sequences (every one is val in {args.split_file})"
         )
-    network = load_network_weights(TCMN(args.variant, pretrained=False), args.ckpt_path, "cpu").eval()
+    ckpt_path = weights_file(args.variant) if args.ckpt_path is None else args.ckpt_path
+    network = load_network_weights(TCMN(args.variant, pretrained=False), ckpt_path, "cpu").eval()
     with torch.inference_mode():
         calibration = calibrate(network, sequences, args.frames_per_sequence)
     calibration.source = {"dataset_dir": args.dataset_dir, "split": "train", **calibration.source}
