@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .annotations import read_annotations, read_label_series
 from .baselines import CopyFirstFrame, FarnebackFlow
-from .data import Sequence, list_sequences
+from .davis import Sequence, list_sequences
 from .errors import InputError
 from .flags import as_bool
 from .metrics import SCORES, SequenceScorer, aggregate, objects_of
@@ -47,7 +47,7 @@ class Evaluation:
     """One evaluation run; plain constructor arguments so a bundle config can declare it.
 
     ``dataset_dir`` may list several roots separated by commas; ``split`` keeps only that split's sequences of
-    ``split_file`` (see ``scripts.data.list_sequences``); ``sequences`` keeps only the named ones (``name`` or
+    ``split_file`` (see ``scripts.davis.list_sequences``); ``sequences`` keeps only the named ones (``name`` or
     ``dataset/name``).
     """
 

@@ -275,7 +275,7 @@ def calibrate(
     mem_size: int = 8,
     top_k: int | None = 30,
 ) -> Int8Calibration:
-    """Measure the int8 steps' activation ranges on `sequences` (`scripts.data.Sequence`: frames and label maps).
+    """Measure the int8 steps' activation ranges on `sequences` (`scripts.davis.Sequence`: frames and label maps).
 
     Each sequence's frame-0 annotation (all its objects) is propagated forward by the float32 network (batch norm
     folded, as `--runtime torch`) through the inference job's `PropagationInferer` and `MemoryBank` with the given
@@ -405,7 +405,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from scripts.data import list_sequences
+    from scripts.davis import list_sequences
     from scripts.network import TCMN, load_network_weights, weights_file
     from scripts.runtime import check_runtime
 

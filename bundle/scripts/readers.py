@@ -42,9 +42,12 @@ from scripts.errors import InputError
 # GPU host without its wheel still runs them; opening a video there fails with MONAI's OptionalImportError naming it.
 av, _ = optional_import("av")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-VIDEO_SUFFIXES = (".mp4", ".avi")
+# The one table of input formats, asked by every job and the app: a file of one of these suffixes is a video of that
+# kind; a folder is a DICOM series when it holds .dcm files, else a folder of FRAME_SUFFIXES images.
+VIDEO_FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".mp4": "video", ".avi": "video", ".dcm": "dicom"}
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+NIFTI_SUFFIXES = tuple(s for s, kind in VIDEO_FORMATS.items() if kind == "nifti")
+VIDEO_SUFFIXES = tuple(s for s, kind in VIDEO_FORMATS.items() if kind == "video")
 CACHE_BYTES = 64 * 2**20  # decoded frames kept for random access (video GOPs, NIfTI blocks)
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])  # NIfTI RGB voxels (read here, written by outputs)
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, RuntimeError)  # what decoders raise on bad bytes
@@ -121,6 +124,23 @@ def path_suffix(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
 
 
+def video_kind(path: str | Path) -> str | None:
+    """What `open_video` reads `path` as, from the format table: `frames`, `nifti`, `video`, `dicom`, or None (not a
+    video format). Only a folder is looked into (for .dcm files)."""
+    path = Path(path)
+    if path.is_dir():
+        return "dicom" if any(p.suffix.lower() == ".dcm" for p in path.iterdir()) else "frames"
+    return VIDEO_FORMATS.get(path_suffix(path))
+
+
+def video_stem(name: str) -> str:
+    """A video's name without its format suffix (`clip.nii.gz` → `clip`); other names unchanged."""
+    for suffix in VIDEO_FORMATS:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def natural_key(path: Path) -> list:
     """Sort ``2.png`` before ``10.png`` as well as zero-padded DAVIS names."""
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
@@ -151,9 +171,9 @@ class FrameFolderSource(VideoSource):
     """A folder of frame images in name order (works on DAVIS ``JPEGImages/<seq>/``)."""
 
     def __init__(self, path: Path) -> None:
-        self.files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+        self.files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=natural_key)
         if not self.files:
-            raise InputError(f"{path}: zero frames, the folder holds no {'/'.join(IMAGE_SUFFIXES)} image")
+            raise InputError(f"{path}: zero frames, the folder holds no {'/'.join(FRAME_SUFFIXES)} image")
         sizes = [self._size(f) for f in self.files]  # headers only: catches unreadable and odd-sized frames early
         for f, size in zip(self.files, sizes):
             if size != sizes[0]:
@@ -525,18 +545,11 @@ def open_video(path: str | Path) -> VideoSource:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    if path.is_dir():
-        if any(p.suffix.lower() == ".dcm" for p in path.iterdir()):
-            return DicomSource(path)
-        return FrameFolderSource(path)
-    suffix = path_suffix(path)
-    if suffix in NIFTI_SUFFIXES:
-        return NiftiSource(path)
-    if suffix in VIDEO_SUFFIXES:
-        return VideoFileSource(path)
-    if suffix == ".dcm":
-        return DicomSource(path)
-    raise InputError(
-        f"{path}: unsupported video format {suffix!r}; use a frame folder, "
-        f"{', '.join(NIFTI_SUFFIXES + VIDEO_SUFFIXES)} or .dcm"
-    )
+    kind = video_kind(path)
+    if kind is None:
+        raise InputError(
+            f"{path}: unsupported video format {path_suffix(path)!r}; use a frame folder, "
+            f"{', '.join(s for s in VIDEO_FORMATS if s != '.dcm')} or .dcm"
+        )
+    sources = {"frames": FrameFolderSource, "nifti": NiftiSource, "video": VideoFileSource, "dicom": DicomSource}
+    return sources[kind](path)
