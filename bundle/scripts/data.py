@@ -37,6 +37,7 @@ from PIL import Image
 from .annotations import read_label_map
 from .davis import DEFAULT_SPLIT_FILE, SPLITS, Sequence, list_sequences, load_split  # noqa: F401 (re-exported)
 from .errors import InputError
+from .inferer import short_side_shape
 from .readers import FRAME_SUFFIXES  # noqa: F401 (re-exported: static_clips)
 
 __all__ = [
@@ -77,12 +78,6 @@ def _resize(img: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tenso
     """Resize ``C×H×W`` with a torch mode ("bilinear" is antialiased, much faster than MONAI's Gaussian smoothing)."""
     smooth = mode == "bilinear"
     return F.interpolate(img[None], shape, mode=mode, antialias=smooth, align_corners=False if smooth else None)[0]
-
-
-def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(H, W) scaled so the short side equals ``size``, aspect ratio kept (training, validation and inference)."""
-    scale = size / min(height, width)
-    return max(size, round(height * scale)), max(size, round(width * scale))
 
 
 class ShortSideResized(MapTransform):

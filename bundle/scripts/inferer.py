@@ -10,7 +10,7 @@ the `memory` factory the config declares, so the eviction rule is the bank's bus
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 import logging
 import math
 import os
@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
-from scripts.data import short_side_shape
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
 
 logger = logging.getLogger(__name__)
-# bytes per (memory position, query position) pair at the read's peak: the dense read holds the float32 affinity, its
-# max-shifted copy and the softmax weights; the top-k read one matrix of candidate scores (float32 at most)
-READ_BYTES_PER_PAIR = {"dense": 12, "top_k": 4}
 KEY_STRIDE = 16
+
+
+def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H, W) scaled so the short side equals ``size``, aspect ratio kept (training, validation and inference)."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
 
 
 def available_memory(device: torch.device) -> int:
@@ -177,27 +179,16 @@ class PropagationInferer(Inferer):
         """Peak bytes of one memory read for H×W frames run at short side `size` (None: native) with `pinned`
         annotated frames and a full working memory: every memory position meets every query position."""
         h, w = short_side_shape(height, width, size) if size else (height, width)
-        positions = math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE)
-        top_k = self._bank_setting("top_k", None)  # unknown: the dense read's estimate, the larger
-        per_pair = READ_BYTES_PER_PAIR["dense" if top_k is None else "top_k"]
-        return (pinned + self.capacity()) * positions * positions * per_pair
+        return self.bank.read_bytes(math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE), pinned)
 
     def capacity(self) -> int:
-        """The working-memory frames a bank of `memory` holds: its `mem_size` (a bank is made to ask only when the
-        factory does not say)."""
-        mem_size = self._bank_setting("mem_size", None)
-        return mem_size if isinstance(mem_size, int) else int(getattr(self.memory(), "mem_size", 0))
+        """The working-memory frames a bank of `memory` holds, as the bank reports it."""
+        return self.bank.capacity
 
-    def _bank_setting(self, name: str, unknown: object) -> object:
-        """A setting of the banks `memory` makes, read off the factory's signature (a class or a `functools.partial`,
-        as configs declare it) so that no bank is made just to ask; `unknown` where the signature does not say."""
-        value = getattr(self.memory, "keywords", {}).get(name, inspect.Parameter.empty)  # a partial's own
-        if value is inspect.Parameter.empty:
-            try:
-                value = inspect.signature(self.memory).parameters[name].default
-            except (KeyError, TypeError, ValueError):
-                pass
-        return unknown if value is inspect.Parameter.empty else value
+    @functools.cached_property
+    def bank(self) -> MemoryBank:
+        """An empty bank of `memory`, asked for its capacity and read cost (an empty bank holds no tensors)."""
+        return self.memory()
 
     def fitted_size(self, height: int, width: int, pinned: int, budget: int) -> int | None:
         """The short side to run H×W frames at so that one memory read fits in `budget` bytes: the inferer's own

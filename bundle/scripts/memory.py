@@ -15,6 +15,9 @@ import torch
 
 # Affinities beyond this magnitude only produce exp() underflow into denormal floats, which are very slow on x86.
 AFFINITY_CLAMP = 50.0
+# bytes per (memory position, query position) pair at the read's peak: the dense read holds the float32 affinity, its
+# max-shifted copy and the softmax weights; the top-k read one matrix of candidate scores (float32 at most)
+READ_BYTES_PER_PAIR = {"dense": 12, "top_k": 4}
 
 
 def affinity(
@@ -154,14 +157,23 @@ def selection_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return torch.bfloat16 if device.type == "cpu" and any(native) else torch.float32
 
 
+def first_kept(count: int, capacity: int | None) -> int:
+    """The eviction rule, shared by the inference bank (`MemoryBank.evict`) and training's memory mask
+    (`clip_memory_frames`): of `count` written frames, oldest first, those from this index on stay (the newest
+    `capacity`; None: all)."""
+    return 0 if capacity is None else max(0, count - capacity)
+
+
 def clip_memory_frames(frame_index: torch.Tensor, mem_every: int = 1, mem_size: int | None = None) -> torch.Tensor:
     """Which frames of a training clip are in memory when each frame is read, following the inference schedule.
 
     frame_index B×T (the clip's frames in the source video, in clip order, either direction) → visible B×T×T with
     visible[b, i, j] true when frame j < i is in memory while frame i is read. Frame 0 (the annotated frame) is pinned;
     a later frame is written when it lies at least `mem_every` source frames from the last written one, as
-    `inferer.PropagationState` writes every `mem_every`-th frame; at most `mem_size` written frames are kept, the
-    newest (None: all). With `mem_every` 1 and no `mem_size`, every earlier frame is visible.
+    `inferer.PropagationState` writes every `mem_every`-th frame; the written frames kept are those the bank's
+    eviction rule keeps (`first_kept` with room for `mem_size`, None: all). With `mem_every` 1 and no `mem_size`,
+    every earlier frame is visible. TorchScript compiles it (the export scripts `TCMN.forward`), hence plain
+    functions, not the bank object.
     """
     b, t = frame_index.shape[0], frame_index.shape[1]
     visible = torch.zeros(b, t, t, dtype=torch.bool, device=frame_index.device)
@@ -170,9 +182,8 @@ def clip_memory_frames(frame_index: torch.Tensor, mem_every: int = 1, mem_size: 
         written: list[int] = []
         last = 0
         for i in range(1, t):
-            start = 0 if mem_size is None else max(0, len(written) - mem_size)
             visible[n, i, 0] = True
-            for j in written[start:]:
+            for j in written[first_kept(len(written), mem_size) :]:
                 visible[n, i, j] = True
             if abs(index[n][i] - index[n][last]) >= mem_every:
                 written.append(i)
@@ -207,6 +218,17 @@ class MemoryBank:
     def __len__(self) -> int:
         return len(self.pinned) + len(self.working)
 
+    @property
+    def capacity(self) -> int:
+        """The working frames this bank holds at most (besides the pinned ones)."""
+        return self.mem_size
+
+    def read_bytes(self, positions: int, pinned: int) -> int:
+        """Peak bytes of one read of `positions` query positions with `pinned` annotated frames and a full working
+        memory of frames of as many positions: every memory position meets every query position."""
+        per_pair = READ_BYTES_PER_PAIR["dense" if self.top_k is None else "top_k"]
+        return (pinned + self.capacity) * positions * positions * per_pair
+
     def write(self, key: torch.Tensor, value: torch.Tensor, pinned: bool = False) -> None:
         """Store one frame's key and value; pinned frames are never evicted."""
         self._flat = None
@@ -217,8 +239,9 @@ class MemoryBank:
         self.evict()
 
     def evict(self) -> None:
-        """Keep the working memory within `mem_size`: oldest frames out first."""
-        del self.working[: max(0, len(self.working) - self.mem_size)]
+        """Keep the working memory within `capacity` by the eviction rule (`first_kept`: oldest frames out first); a
+        subclass overriding it reports its own `capacity` and `read_bytes`."""
+        del self.working[: first_kept(len(self.working), self.mem_size)]
 
     def clear_working(self) -> None:
         """Forget the working frames (a new propagation pass starts from the annotations alone)."""
