@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import benchmark
 from scripts.synthetic import SyntheticEchoSource
+from scripts.tools import benchmark
 
 
 def test_annotation_has_the_requested_objects() -> None:

@@ -1,4 +1,4 @@
-"""Held-out stills and the unseen-object clips made from them (`scripts.heldout_clips`)."""
+"""Held-out stills and the unseen-object clips made from them (`scripts.tools.heldout_clips`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from scripts.data import list_sequences
 from scripts.errors import InputError
-from scripts.heldout_clips import main, write_heldout_clips
 from scripts.static_clips import HELD_OUT_EVERY, held_out, list_static_images
+from scripts.tools.heldout_clips import main, write_heldout_clips
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

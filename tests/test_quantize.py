@@ -1,4 +1,4 @@
-"""int8 post-training quantization (`python -m scripts.quantize`, `--runtime onnxruntime --quantized FILE`).
+"""int8 post-training quantization (`python -m scripts.tools.quantize`, `--runtime onnxruntime --quantized FILE`).
 
 Calibration reads only the training sequences and writes a file that loads back equal; the int8 steps built from it
 stay close to the float32 network; a file made for other weights, a runtime other than onnxruntime and a file that
@@ -31,10 +31,11 @@ from scripts.annotations import read_label_series
 from scripts.data import list_sequences
 from scripts.errors import InputError
 from scripts.flags import check_flags
+from scripts.int8 import FLOAT_NODES, Int8Calibration, weights_digest
 from scripts.network import TCMN
-from scripts.quantize import FLOAT_NODES, Int8Calibration, calibrate, weights_digest
 from scripts.runtime import KEY_IO, KeyStep, RuntimeNetwork, check_quantized, onnx_bytes, runtime_network
 from scripts.synthetic import write_echo_dataset
+from scripts.tools.quantize import calibrate
 
 pytest.importorskip("onnxruntime")
 CONFIGS = REPO / "bundle" / "configs"
@@ -211,7 +212,7 @@ def test_every_model_config_declares_and_wires_the_flag(
     assert parser["quantized"] is None
     parser.update({"quantized": str(path), "runtime": "onnxruntime"})
     spec = parser.get_parsed_content("flags")["quantized"]
-    assert spec["type"] == "path" and spec["optional"] and "python -m scripts.quantize" in spec["help"]
+    assert spec["type"] == "path" and spec["optional"] and "python -m scripts.tools.quantize" in spec["help"]
     spec["check"](str(path))
     parser.update({"runtime": "torch"})
     with pytest.raises(InputError, match="add --runtime onnxruntime"):
@@ -223,12 +224,12 @@ def test_every_model_config_declares_and_wires_the_flag(
 
 @pytest.mark.slow
 def test_command_line_calibration_and_int8_inference(dataset, tmp_path: Path) -> None:
-    """`python -m scripts.quantize` with the shipped weights on the synthetic training sequences, then the inference
-    job with `--runtime onnxruntime --quantized FILE` on the val sequence: labels equal float32's on ≥ 97 % of the
-    pixels; an existing output is refused, and so is a dataset whose sequences are all val."""
+    """`python -m scripts.tools.quantize` with the shipped weights on the synthetic training sequences, then the
+    inference job with `--runtime onnxruntime --quantized FILE` on the val sequence: labels equal float32's on ≥ 97 %
+    of the pixels; an existing output is refused, and so is a dataset whose sequences are all val."""
     root, split = dataset
     output = tmp_path / "int8.json"
-    quantize = [sys.executable, "-m", "scripts.quantize", "--dataset_dir", str(root), "--split_file", str(split)]
+    quantize = [sys.executable, "-m", "scripts.tools.quantize", "--dataset_dir", str(root), "--split_file", str(split)]
     results = run_all({"calibrate": [*quantize, "--output", str(output), "--frames_per_sequence", "4"]})
     succeeded(results["calibrate"])
     assert "calibrating on 2 training sequences" in results["calibrate"].stdout
@@ -248,7 +249,15 @@ def test_command_line_calibration_and_int8_inference(dataset, tmp_path: Path) ->
             **common,
         ),
         "exists": [*quantize, "--output", str(output)],
-        "all_val": [sys.executable, "-m", "scripts.quantize", "--dataset_dir", str(root), "--split_file", str(all_val)]
+        "all_val": [
+            sys.executable,
+            "-m",
+            "scripts.tools.quantize",
+            "--dataset_dir",
+            str(root),
+            "--split_file",
+            str(all_val),
+        ]
         + ["--output", str(tmp_path / "x.json")],
         "wrong_runtime": bundle_command(
             "inference", "inference.json", output_dir=tmp_path / "x", quantized=output, **common

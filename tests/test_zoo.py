@@ -17,8 +17,8 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from scripts.export import FrameStep, export_onnx
 from scripts.network import TCMN
+from scripts.tools.export import FrameStep, export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

@@ -1,9 +1,9 @@
 """Propagation speed and peak memory of the TCMN variants on synthetic echo video: a benchmark, not a test.
 
-    python -m scripts.benchmark [--variants lite] [--sizes 384x288,512x512] [--objects 1,3] [--memory one,full]
+    python -m scripts.tools.benchmark [--variants lite] [--sizes 384x288,512x512] [--objects 1,3] [--memory one,full]
         [--runtimes torch] [--frames 300] [--threads N] [--device cpu|cuda] [--mem-every 5] [--mem-size 8]
         [--top-k 30] [--infer-size S] [--checkpoint PATH|random] [--warmup 5] [--profile] [--json results.json]
-    python -m scripts.benchmark --table results.json    # the model card's table (Markdown) from a saved run
+    python -m scripts.tools.benchmark --table results.json    # the model card's table (Markdown) from a saved run
 
 Every configuration (the product of variants, sizes, objects, memory states, runtimes and lengths) runs in a fresh
 subprocess, so its RSS high-water mark is its own and not the largest seen so far. Frames come lazily from
@@ -312,7 +312,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 def run_configuration(cfg: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in a fresh interpreter; failures come back as a row with their error."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"])}
-    command = [sys.executable, "-m", "scripts.benchmark", "--worker", json.dumps(cfg)]
+    command = [sys.executable, "-m", "scripts.tools.benchmark", "--worker", json.dumps(cfg)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     try:

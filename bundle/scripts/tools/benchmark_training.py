@@ -6,7 +6,7 @@ random clips of the configured shape, so it isolates the network's cost from dat
 subprocesses so a peak-memory reading (the process's RSS high-water mark, or CUDA's peak allocation) is never the
 other variant's.
 
-    python -m scripts.benchmark_training [--variant lite full] [--iterations 10] [--threads 1] [--device cpu|cuda]
+    python -m scripts.tools.benchmark_training [--variant lite full] [--iterations 10] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("iterations", "warmup", "threads", "device", "batch_size", "num_frames", "size")
     ] + (["--contrastive"] if args.contrastive else [])
     for variant in args.variant:
-        cmd = [sys.executable, "-m", "scripts.benchmark_training", "--worker", "--variant", variant, *forwarded]
+        cmd = [sys.executable, "-m", "scripts.tools.benchmark_training", "--worker", "--variant", variant, *forwarded]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

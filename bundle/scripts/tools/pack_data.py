@@ -10,7 +10,7 @@ Label maps are resized with nearest neighbour and kept as PNG. Frames already at
 re-encoded. An existing output root must not hold ``JPEGImages/``, ``Annotations/`` or ``meta.json`` yet (nothing
 is overwritten).
 
-    python -m scripts.pack_data ../shared/data/vocalfolds packed/vocalfolds --short-side 320 --quality 85
+    python -m scripts.tools.pack_data ../shared/data/vocalfolds packed/vocalfolds --short-side 320 --quality 85
 """
 
 from __future__ import annotations
