@@ -171,7 +171,7 @@ def test_the_caller_can_run_the_loop_with_step(net: TCMN) -> None:
     out = [state.step(None, annotation)] + [state.step(get_frame(t)) for t in range(1, len(source))]
     for t, prob in enumerate(out):
         torch.testing.assert_close(prob, expected[t])
-    assert len(state.memory.pinned) == 1 and len(state.memory.working) == 2  # frames 2 and 4 written, bound 2
+    assert len(state.bank.pinned) == 1 and len(state.bank.working) == 2  # frames 2 and 4 written, bound 2
 
 
 def test_an_eviction_rule_is_one_class_and_one_config_line(net: TCMN) -> None:
@@ -187,10 +187,10 @@ def test_an_eviction_rule_is_one_class_and_one_config_line(net: TCMN) -> None:
     state.pin(frames[0], torch.from_numpy(source.labels(0)))
     for frame in frames[1:]:
         state.step(frame)
-    assert isinstance(state.memory, KeepOldestBank) and len(state.memory.working) == 2
+    assert isinstance(state.bank, KeepOldestBank) and len(state.bank.working) == 2
     with torch.inference_mode():
         keys = [net.encode_key(f.contiguous(memory_format=torch.channels_last))[0] for f in frames[1:3]]
-    for (key, _), expected in zip(state.memory.working, keys):
+    for (key, _), expected in zip(state.bank.working, keys):
         torch.testing.assert_close(key, expected)  # frames 1 and 2 kept, not the newest
 
 

@@ -57,7 +57,7 @@ def unwrap(network: torch.nn.Module) -> TCMN:
 
 
 class PropagationState:
-    """One video's propagation: the network, its memory bank and the memory write schedule.
+    """One video's propagation: the network, its memory bank (`bank`) and the memory write schedule.
 
     Annotated frames are `pin`ned first (never evicted; corrections later in the video then guide earlier frames
     too). `step` gives one frame's probabilities (K+1)×H×W, channel k for object k; frames are 1×3×H×W in [0, 1] and
@@ -70,7 +70,7 @@ class PropagationState:
     def __init__(
         self,
         network: torch.nn.Module,
-        memory: MemoryBank,
+        bank: MemoryBank,
         num_objects: int,
         mem_every: int = 5,
         size: int | None = None,
@@ -80,7 +80,7 @@ class PropagationState:
         if mem_every < 1:
             raise ValueError(f"mem_every must be >= 1, got {mem_every}")
         self.net = unwrap(network)
-        self.memory = memory
+        self.bank = bank
         self.num_objects = num_objects
         self.mem_every = mem_every
         self.size = size
@@ -113,11 +113,11 @@ class PropagationState:
             frame = self._prepare(frame)
             masks = F.interpolate(self.one_hot(labels)[None, 1:], size=frame.shape[-2:], mode="bilinear")
             key, f16, _, _ = self.net.encode_key(frame)
-            self.memory.write(key, self.net.encode_value(frame, f16, masks), pinned=True)
+            self.bank.write(key, self.net.encode_value(frame, f16, masks), pinned=True)
 
     def new_pass(self) -> None:
         """Start a propagation pass (another direction): working memory cleared, write schedule restarted."""
-        self.memory.clear_working()
+        self.bank.clear_working()
         self.since_write = 0
 
     def step(self, frame: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,11 +132,11 @@ class PropagationState:
         with self._context():
             prepared = self._prepare(frame)
             key, f16, f8, f4 = self.net.encode_key(prepared)
-            logits = self.net.decode(self.memory.read(key), f16, f8, f4, tuple(prepared.shape[-2:]))
+            logits = self.net.decode(self.bank.read(key), f16, f8, f4, tuple(prepared.shape[-2:]))
             prob = torch.softmax(logits.float(), dim=1)
             self.since_write += 1
             if self.since_write >= self.mem_every:
-                self.memory.write(key, self.net.encode_value(prepared, f16, prob[:, 1:]))
+                self.bank.write(key, self.net.encode_value(prepared, f16, prob[:, 1:]))
                 self.since_write = 0
             if prob.shape[-2:] != frame.shape[-2:]:
                 prob = F.interpolate(prob, size=frame.shape[-2:], mode="bilinear")
@@ -146,9 +146,9 @@ class PropagationState:
 class PropagationInferer(Inferer):
     """Propagate annotated frames' labels forward to the end and backward to frame 0, with bounded memory.
 
-    Every non-zero label is an object; objects are segmented together with soft aggregation. `memory` makes one
-    empty `MemoryBank` per video (the config declares it with `"_mode_": "callable"`); see `PropagationState` for
-    `mem_every`, `size` and `amp`.
+    Every non-zero label is an object; objects are segmented together with soft aggregation. `memory` is a factory
+    (the config declares it with `"_mode_": "callable"`) of one empty `MemoryBank` per video, the `bank` of its
+    `PropagationState`; see `PropagationState` for `mem_every`, `size` and `amp`.
     """
 
     def __init__(
@@ -179,14 +179,14 @@ class PropagationInferer(Inferer):
         """Peak bytes of one memory read for H×W frames run at short side `size` (None: native) with `pinned`
         annotated frames and a full working memory: every memory position meets every query position."""
         h, w = short_side_shape(height, width, size) if size else (height, width)
-        return self.bank.read_bytes(math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE), pinned)
+        return self.probe_bank.read_bytes(math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE), pinned)
 
     def capacity(self) -> int:
         """The working-memory frames a bank of `memory` holds, as the bank reports it."""
-        return self.bank.capacity
+        return self.probe_bank.capacity
 
     @functools.cached_property
-    def bank(self) -> MemoryBank:
+    def probe_bank(self) -> MemoryBank:
         """An empty bank of `memory`, asked for its capacity and read cost (an empty bank holds no tensors)."""
         return self.memory()
 

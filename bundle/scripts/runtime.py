@@ -6,12 +6,11 @@ convolutional parts go to the engine and the memory's rules live in one place. `
 TCMN with the same three methods on CPU float32 tensors, so the inferer runs it unchanged:
 
 - `torch`: the network itself with batch norm folded into the preceding convolutions (`torch.fx`'s `fuse`, on a
-  copy): key encoding about twice as fast on CPU (2 cores, 384×288: 17.0 → 7.9 ms), outputs equal within float32
-  rounding.
+  copy): key encoding much faster on CPU (the model card has the numbers), outputs equal within float32 rounding.
 - `onnxruntime`: each step exported to ONNX (`torch.onnx.export` with the TorchScript-based exporter: these graphs
-  export in a fraction of a second, 1-3 s each with the `torch.export`-based one) and run by an `InferenceSession`.
+  export far faster than with the `torch.export`-based one) and run by an `InferenceSession`.
 - `openvino`: the same ONNX graphs read by `Core.read_model` and compiled for CPU with a latency hint and float32
-  precision (its default on CPUs with bfloat16 units, bfloat16, changed 1.1 % of the sample clip's labels).
+  precision (its default on CPUs with bfloat16 units, bfloat16, changed the sample clip's labels visibly).
 - `onnxruntime` with `quantized` (`--quantized FILE`, an int8 calibration written by
   `python -m scripts.tools.quantize`): the key encoder's and the decoder's graphs are quantized to int8 (QDQ) with
   the file's activation ranges as they are built; the value encoder stays float32. See `scripts.int8` for what is

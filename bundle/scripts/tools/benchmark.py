@@ -7,7 +7,7 @@
 
 Every configuration (the product of variants, sizes, objects, memory states, runtimes and lengths) runs in a fresh
 subprocess, so its RSS high-water mark is its own and not the largest seen so far. Frames come lazily from
-`SyntheticEchoSource` (3,000 frames of 512×512 would be 2.3 GB held in memory), and the propagation loop is the
+`SyntheticEchoSource` (a long 512×512 clip held whole would dwarf the memory measured), and the propagation loop is the
 inference job's (`ModelPropagator.propagate`: channels_last network, inference mode, label maps as uint8), with the
 label maps discarded. Objects: 1 the cavity, 2 adds the myocardium, 3 splits the myocardium into left and right.
 Memory: `one` keeps only the annotated frame (mem_size 0), `full` starts timing once the working memory holds its
