@@ -8,8 +8,9 @@ checked are the config's own after MONAI applied the overrides (each declaration
 from an `--args_file` or given in process are checked too.
 
 `python -m monai.bundle run … --save_png true` hands the config the string 'true' (fire parses only Python literals),
-and a non-empty string is truthy, so every boolean flag goes through `as_bool` once: in the `flag` block of each config
-for flags the configs use, in the job's constructor for flags it receives raw.
+and a non-empty string is truthy, so every boolean flag goes through `as_bool` once (and every optional one through
+`optional`): in the `parsed` block of each config for flags the configs use, in the job's constructor for flags it
+receives raw. `flags` declares the flags (what they take, their help), `parsed` holds their converted values.
 """
 
 from __future__ import annotations
