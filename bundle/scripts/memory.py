@@ -1,7 +1,7 @@
 """The memory: affinity between query and memory keys, softmax (or top-k) readout of memory values, and the bank.
 
 Kept apart from the network so bounded storage and eviction live in one place (as in XMem/Cutie's memory manager).
-Training builds its memory as plain tensors and calls the same `read` as inference; inference stores frames in a
+Training builds its memory as plain tensors and reads it densely (`read_dense`); inference stores frames in a
 `MemoryBank`, which the configs declare (`memory` in `inference.json`), so a new eviction rule is one subclass that
 overrides `evict` and one config line.
 """
@@ -64,27 +64,6 @@ def read_dense(
     if mem_mask is not None:
         aff = aff.masked_fill(~mem_mask[:, :, None], float("-inf"))
     return (mem_value.reshape(b, k * cv, n) @ softmax_weights(aff)).reshape(b, k, cv, -1)
-
-
-def read(
-    mem_key: torch.Tensor,
-    mem_value: torch.Tensor,
-    query_key: torch.Tensor,
-    top_k: int | None = None,
-    mem_mask: torch.Tensor | None = None,
-    mem_sq: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Readout B×K×Cv×M as `read_dense`, or with top_k < N from each query's k best memory positions only
-    (`read_top_k`), so the readout costs k·M instead of N·M value reads."""
-    b, k, cv, n = mem_value.shape
-    if top_k is None or top_k >= n:
-        return read_dense(mem_key, mem_value, query_key, mem_mask, mem_sq)
-    keys_t = mem_key.float().transpose(1, 2).contiguous()
-    sq = squared_norms(mem_key)[..., 0] if mem_sq is None else mem_sq[..., 0]
-    if mem_mask is not None:
-        sq = sq.masked_fill(~mem_mask, float("inf"))
-    values_t = mem_value.reshape(b, k * cv, n).transpose(1, 2).contiguous()
-    return read_top_k(keys_t, values_t, sq, query_key, top_k).transpose(1, 2).reshape(b, k, cv, -1)
 
 
 def read_top_k(
