@@ -62,7 +62,11 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer=torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
     )
-    step = TrainingStep(TemporalContrastiveLoss(0.1, 3, 8), contrastive_weight=0.1, use_contrastive=args.contrastive)
+    terms = {  # train.json's loss_terms
+        "seg_loss": {"loss": engine.loss_function, "weight": 1.0},
+        "contrastive_loss": {"loss": TemporalContrastiveLoss(0.1, 3, 8), "weight": 0.1},
+    }
+    step = TrainingStep(terms, use_contrastive=args.contrastive)
     batch = synthetic_batch(args.batch_size, args.num_frames, args.size, max_objects=2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
