@@ -34,11 +34,11 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 from PIL import Image
 
-from .annotations import read_label_map
-from .davis import DEFAULT_SPLIT_FILE, SPLITS, Sequence, list_sequences, load_split  # noqa: F401 (re-exported)
-from .errors import InputError
-from .inferer import short_side_shape
-from .readers import FRAME_SUFFIXES  # noqa: F401 (re-exported: static_clips)
+from scripts.annotations import read_label_map
+from scripts.davis import DEFAULT_SPLIT_FILE, SPLITS, Sequence, list_sequences, load_split  # noqa: F401 (re-exported)
+from scripts.errors import InputError
+from scripts.inferer import short_side_shape
+from scripts.readers import FRAME_SUFFIXES  # noqa: F401 (re-exported: static_clips)
 
 __all__ = [
     "DEFAULT_SPLIT_FILE",
