@@ -24,11 +24,12 @@ import pytest
 import torch
 import uvicorn
 from conftest import REPO, SAMPLE, SAMPLE_SEQUENCE
+from monai.bundle import ConfigParser
 from PIL import Image
-from test_cli import TRUSTED_CONFIGS, bundle_command, succeeded
+from test_cli import TRUSTED_CONFIGS, bundle_command, config_files, succeeded
 
 from scripts.annotations import read_label_series
-from scripts.app import create_app, inference_propagator
+from scripts.app import create_app
 from scripts.app_state import AppState
 from scripts.overlay import PALETTE
 
@@ -124,9 +125,11 @@ def server(tmp_path: Path):
     checkpoint = WEIGHTS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command's OMP_NUM_THREADS=1: same arithmetic, same labels
-    propagator = inference_propagator(
-        REPO / "bundle" / "configs" / "inference.json", ckpt_path=str(checkpoint), device="cpu", size=SIZE
-    )
+    parser = ConfigParser()  # the app command's propagator: app.json over inference.json
+    parser.read_config(config_files("app.json"))
+    parser.update({"ckpt_path": str(checkpoint), "device": "cpu", "size": SIZE})
+    parser.get_parsed_content("load_weights")
+    propagator = parser.get_parsed_content("propagator")
     state = AppState(propagator, None, tmp_path / "app_out", sample=SAMPLE / "JPEGImages" / SAMPLE_SEQUENCE)
     port = _free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from test_cli import TRUSTED_CONFIGS, bundle_command, no_leftovers, refused, run_all, series, succeeded
+from test_cli import TRUSTED_CONFIGS, bundle_command, declared_flags, no_leftovers, refused, run_all, series, succeeded
 
 from scripts.baselines import CopyFirstFrame
 from scripts.batch import REPORT, BatchPrediction, read_datalist
@@ -367,9 +367,9 @@ def test_bad_datalist_is_refused_before_any_work(tmp_path: Path, checkpoint: Pat
 
 @pytest.mark.slow
 def test_evaluation_over_two_ranks_equals_one_process(tmp_path: Path, checkpoint: Path) -> None:
-    """`multi_gpu_evaluate.json` layered on `evaluate.json` under torchrun with 2 CPU ranks: the same J&F (to 1e-6)
-    and per-sequence scores as one process, and the same predicted label maps; a sequence annotating nothing is
-    reported alike by both."""
+    """`multi_gpu_evaluate.json` over `inference.json` and `evaluate.json` under torchrun with 2 CPU ranks: the same
+    J&F (to 1e-6) and per-sequence scores as one process, and the same predicted label maps; a sequence annotating
+    nothing is reported alike by both."""
     root = tmp_path / "echo"
     for i in range(4):
         source = SyntheticEchoSource(FRAMES, HEIGHT, WIDTH, seed=10 + i)
@@ -380,7 +380,7 @@ def test_evaluation_over_two_ranks_equals_one_process(tmp_path: Path, checkpoint
             Image.fromarray(frame).save(root / "JPEGImages" / f"echo{i}" / f"{t:05d}.png")
             Image.fromarray(labels.astype(np.uint8)).save(root / "Annotations" / f"echo{i}" / f"{t:05d}.png")
     common = dict(dataset_dir=root, ckpt_path=checkpoint, device="cpu", size=48)
-    layered = "['bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
+    layered = str([f"bundle/configs/{name}" for name in ("inference.json", "evaluate.json", "multi_gpu_evaluate.json")])
     results = run_all(
         {
             "one": bundle_command("evaluating", "evaluate.json", output_dir=tmp_path / "one", **common),
@@ -442,8 +442,7 @@ def test_dicom_seg_and_flags_through_the_command_line(tmp_path: Path, checkpoint
     present = [int(v) for v in np.unique(series(tmp_path / "out" / "series_seg.nii.gz")) if v]
     assert names == {k: {1: "left ventricle", 2: "myocardium"}[v] for k, v in enumerate(present, 1)}
     succeeded(results["help"])
-    flags = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "batch_inference.json").read_text())["flags"]
-    for name in flags:
+    for name in declared_flags("batch_inference.json"):
         assert f"--{name} " in results["help"].stdout, name
     refused(results["typo"], "--save_seg", "did you mean --save_png?")
     assert not (tmp_path / "o").exists()

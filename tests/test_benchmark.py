@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import benchmark
 from scripts.synthetic import SyntheticEchoSource
+from scripts.tools import benchmark, benchmark_tables
 
 
 def test_annotation_has_the_requested_objects() -> None:
@@ -51,9 +51,9 @@ def test_one_configuration_measures_every_stage(monkeypatch: pytest.MonkeyPatch)
     assert full["timed_frames"] == 12 - 1 - 1 - 4 and one["timed_frames"] == 12 - 1 - 1
     assert full["profile_calls"]["memory read"] == full["timed_frames"]
     assert set(full["profile_ms_per_frame"]) == {*benchmark.STAGES, "other"}
-    ratios = benchmark.full_to_one([full, one])
+    ratios = benchmark_tables.full_to_one([full, one])
     assert list(ratios.values()) == [pytest.approx(full["ms_per_frame"] / one["ms_per_frame"])]
-    table = benchmark.markdown_table(json.loads(json.dumps([one, full])))
+    table = benchmark_tables.markdown_table(json.loads(json.dumps([one, full])))
     assert table.count("\n") == 3 and "| lite | torch | 64×48 | 3 | full |" in table
     engine = benchmark.measure({**cfg, "runtime": "onnxruntime", "objects": 1})
     assert engine["profile_calls"]["key encoding"] == engine["timed_frames"]

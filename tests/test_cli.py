@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import AFFINE, REPO, SAMPLE, SAMPLE_SEQUENCE
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from scripts.annotations import read_label_series
@@ -34,12 +35,29 @@ SCORES = ("J&F", "J", "F", "Dice", "HD95", "Lost")
 # config can turn it off; the README gives users this filter, which drops exactly that warning: safe here, the
 # configs run are the bundle's own (and the tests' own overrides of them).
 TRUSTED_CONFIGS = "ignore:parsing config_file:UserWarning:monai.bundle.scripts"
+# the jobs whose config is a layer over inference.json (their commands name both, inference.json first)
+LAYERS = {"evaluate.json": "evaluate", "batch_inference.json": "batch_inference", "app.json": "app"}
+
+
+def config_files(config: str) -> list[str]:
+    """The config files a job's command names: a layer comes after inference.json, as in the README."""
+    return [str(CONFIGS / name) for name in (["inference.json", config] if config in LAYERS else [config])]
+
+
+def declared_flags(config: str) -> dict[str, dict]:
+    """A job's flag declarations as written (`value` still `@name`), in `--help`'s order: its own, then the model's
+    (`model_flags` of inference.json)."""
+    parser = ConfigParser(ConfigParser.load_config_files(config_files(config)))
+    own = parser[f"{LAYERS.get(config, config.removesuffix('.json'))}_flags"]
+    return {**own, **parser["model_flags"]}
 
 
 def bundle_command(job: str, config: str, **overrides: object) -> list[str]:
-    """`python -m monai.bundle run JOB` with the bundle's metadata, one config and `--key value` overrides."""
+    """`python -m monai.bundle run JOB` with the bundle's metadata, the job's config (a layer: inference.json and it)
+    and `--key value` overrides."""
     command = [sys.executable, "-m", "monai.bundle", "run", job, "--meta_file", str(CONFIGS / "metadata.json")]
-    command += ["--config_file", str(CONFIGS / config)]
+    files = config_files(config)
+    command += ["--config_file", files[0] if len(files) == 1 else repr(files)]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     return command
@@ -446,7 +464,7 @@ def test_command_line_mistakes_are_refused_before_any_work(tmp_path: Path, check
         commands[f"--{flag} {value}"] = bundle_command(job, config[job], **{**inference, flag: value})
     results = run_all(commands)
 
-    flags = json.loads((CONFIGS / "inference.json").read_text())["flags"]
+    flags = declared_flags("inference.json")
     refused(results["typo"], "--vidoe", "did you mean --video?", *(f"--{name}," for name in list(flags)[:-1]))
     refused(results["plural"], "--save_overlays", "did you mean --save_overlay?")
     refused(results["training typo"], "--max_epoch", "did you mean --max_epochs?")

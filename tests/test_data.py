@@ -220,7 +220,7 @@ def test_split_file_covers_shared_data(shared_data: Path) -> None:
 
 def test_pack_data_shrinks_frames_keeps_labels_and_never_overwrites(davis: tuple[Path, Path], tmp_path: Path) -> None:
     """A packed root has the same sequences and frames, short side at the limit, nearest-neighbour labels."""
-    from scripts.pack_data import main
+    from scripts.tools.pack_data import main
 
     target = tmp_path / "dsa"
     main([str(davis[0]), str(target), "--short-side", "24", "--quality", "90"])

@@ -13,7 +13,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.errors import InputError
 from scripts.flags import TYPES, check_flags, read_command_line
+from scripts.network import weights_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 FLAGS = {
@@ -129,11 +131,78 @@ def test_good_values_pass(config: Path, name: str, value: object) -> None:
     check_flags(with_value(name, value))  # in-process (argv is pytest's): only the values are checked
 
 
-@pytest.mark.parametrize("files", [["inference.json"], ["evaluate.json"], ["train.json", "multi_gpu_train.json"]])
-def test_each_declared_flag_is_an_item_of_its_config(files: list[str]) -> None:
+JOBS = {  # each job's config files, as its README command names them
+    "inference": ["inference.json"],
+    "evaluating": ["inference.json", "evaluate.json"],
+    "batch_inference": ["inference.json", "batch_inference.json"],
+    "app": ["inference.json", "app.json"],
+    "training": ["train.json", "multi_gpu_train.json"],
+}
+MODEL_JOBS = ["inference", "evaluating", "batch_inference", "app"]
+
+
+def job_parser(job: str, **overrides: object) -> ConfigParser:
+    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in JOBS[job]]))
+    parser.update({"device": "$torch.device('cpu')", **overrides})
+    return parser
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_each_declared_flag_is_an_item_of_its_config(job: str) -> None:
     """Declarations only check and document: the flag must be a real item, its `value` a reference to it."""
-    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in files]))
+    parser = job_parser(job)
     assert "$scripts.prepare_job(@flags)" in parser["initialize"]
-    for name, spec in parser["flags"].items():
+    declared = (
+        parser["flags"] if job == "training" else {**parser[f"{JOBS[job][-1][:-5]}_flags"], **parser["model_flags"]}
+    )
+    assert list(parser.get_parsed_content("flags")) == list(declared)
+    for name, spec in declared.items():
         assert name in parser and spec["value"] == f"@{name}", name
         assert spec["type"] in TYPES and spec["help"], name
+
+
+def test_model_flags_and_defaults_are_declared_once() -> None:
+    """The layers over inference.json neither declare a model flag nor set its default (batch inference's device
+    excepted: each rank takes its LOCAL_RANK's GPU); only its help line is the layer's own."""
+    model = json.loads((CONFIGS / "inference.json").read_text())["model_flags"]
+    shared = {*model, "network_def", "network", "memory", "inferer", "propagator", "ckpt_path"}
+    for layer in ("evaluate.json", "batch_inference.json", "app.json"):
+        raw = json.loads((CONFIGS / layer).read_text())
+        own = raw[f"{layer[:-5]}_flags"]
+        assert not set(own) & set(model), layer
+        assert not (set(raw) & shared) - ({"device"} if layer == "batch_inference.json" else set()), layer
+        assert all(key == "model_flags#device#help" for key in raw if key.startswith("model_flags")), layer
+
+
+@pytest.mark.parametrize("job", MODEL_JOBS)
+def test_every_model_job_takes_top_k_none(job: str) -> None:
+    """`--top_k none` (as `--help` writes it) is a dense read in every model job, the app included."""
+    parser = job_parser(job, top_k="none", size="None")
+    check_flags(parser.get_parsed_content("flags"), argv=[])
+    assert parser.get_parsed_content("memory").keywords["top_k"] is None
+    assert parser.get_parsed_content("inferer").size is None
+
+
+@pytest.mark.parametrize("job", MODEL_JOBS)
+def test_every_model_job_loads_the_variants_own_weights(job: str) -> None:
+    """`--variant base` without `--ckpt_path` asks for base weights (not shipped yet, so refused in one line), never
+    the lite `model.pt` in a base network."""
+    parser = job_parser(job)
+    assert parser.get_parsed_content("ckpt_path") == weights_file("lite") and weights_file("lite").endswith("/model.pt")
+    parser = job_parser(job, variant="base")
+    assert parser.get_parsed_content("ckpt_path") == weights_file("base")
+    assert parser.get_parsed_content("network").variant == "base"
+    with pytest.raises(RuntimeError) as failed:  # MONAI wraps the expression's error
+        parser.get_parsed_content("load_weights")
+    assert isinstance(failed.value.__cause__, InputError)
+    assert str(failed.value.__cause__).endswith("models/model_base.pt: no such checkpoint file")
+
+
+def test_another_jobs_flag_is_refused_in_a_layered_job() -> None:
+    """evaluate.json lies over inference.json, whose `--save_png` it would silently ignore: refused as unknown."""
+    files = str([str(CONFIGS / f) for f in JOBS["evaluating"]])
+    flags = job_parser("evaluating").get_parsed_content("flags")
+    with pytest.raises(SystemExit) as exit_:
+        check_flags(flags, ["evaluating", "--config_file", files, "--save_png", "true"])
+    assert str(exit_.value.code).splitlines()[-1] == "error: unknown flag --save_png; --help lists the flags"
+    check_flags(flags, ["evaluating", "--config_file", files, "--mem_size", "4", "--memory#top_k", "10"])

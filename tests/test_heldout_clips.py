@@ -1,4 +1,4 @@
-"""Held-out stills and the unseen-object clips made from them (`scripts.heldout_clips`)."""
+"""Held-out stills and the unseen-object clips made from them (`scripts.tools.heldout_clips`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from scripts.data import list_sequences
 from scripts.errors import InputError
-from scripts.heldout_clips import main, write_heldout_clips
 from scripts.static_clips import HELD_OUT_EVERY, held_out, list_static_images
+from scripts.tools.heldout_clips import main, write_heldout_clips
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -108,7 +108,7 @@ def test_evaluate_scores_the_clips(stills: Path, tmp_path: Path) -> None:
     """`evaluate.json` reads the clips as any DAVIS root (the copy baseline keeps this quick)."""
     write_heldout_clips(str(stills), tmp_path / "clips", clips=2, frames=3, size=48)
     wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.json"),
+        config_file=[str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
         run_id="evaluating",

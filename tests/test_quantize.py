@@ -1,4 +1,4 @@
-"""int8 post-training quantization (`python -m scripts.quantize`, `--runtime onnxruntime --quantized FILE`).
+"""int8 post-training quantization (`python -m scripts.tools.quantize`, `--runtime onnxruntime --quantized FILE`).
 
 Calibration reads only the training sequences and writes a file that loads back equal; the int8 steps built from it
 stay close to the float32 network; a file made for other weights, a runtime other than onnxruntime and a file that
@@ -25,16 +25,17 @@ import pytest
 import torch
 from conftest import REPO
 from monai.bundle import ConfigParser
-from test_cli import bundle_command, run_all, succeeded
+from test_cli import bundle_command, config_files, run_all, succeeded
 
 from scripts.annotations import read_label_series
 from scripts.data import list_sequences
 from scripts.errors import InputError
 from scripts.flags import check_flags
+from scripts.int8 import FLOAT_NODES, Int8Calibration, weights_digest
 from scripts.network import TCMN
-from scripts.quantize import FLOAT_NODES, Int8Calibration, calibrate, weights_digest
 from scripts.runtime import KEY_IO, KeyStep, RuntimeNetwork, check_quantized, onnx_bytes, runtime_network
 from scripts.synthetic import write_echo_dataset
+from scripts.tools.quantize import calibrate
 
 pytest.importorskip("onnxruntime")
 CONFIGS = REPO / "bundle" / "configs"
@@ -206,33 +207,29 @@ def test_every_model_config_declares_and_wires_the_flag(
 ) -> None:
     path = calibration.save(tmp_path / "int8.json")
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
+    parser.read_config(config_files(config))
     parser.update({"device": "$torch.device('cpu')"})
     assert parser["quantized"] is None
     parser.update({"quantized": str(path), "runtime": "onnxruntime"})
-    spec = parser.get_parsed_content("flags#quantized")
-    assert spec["type"] == "path" and spec["optional"] and "python -m scripts.quantize" in spec["help"]
+    spec = parser.get_parsed_content("flags")["quantized"]
+    assert spec["type"] == "path" and spec["optional"] and "python -m scripts.tools.quantize" in spec["help"]
     spec["check"](str(path))
     parser.update({"runtime": "torch"})
     with pytest.raises(InputError, match="add --runtime onnxruntime"):
-        parser.get_parsed_content("flags#quantized", lazy=False)["check"](str(path))
-    if config != "app.json":
-        parser.update({"runtime": "onnxruntime"})
-        propagator = "model_propagator" if config == "evaluate.json" else "propagator"
-        network = parser.get_parsed_content(propagator, lazy=False).network
-        assert isinstance(network, RuntimeNetwork) and network.quantized.path == path
-    else:
-        assert "quantized=@quantized" in json.loads((CONFIGS / config).read_text())["propagator"]
+        parser.get_parsed_content("flags", lazy=False)["quantized"]["check"](str(path))
+    parser.update({"runtime": "onnxruntime"})
+    network = parser.get_parsed_content("propagator", lazy=False).network
+    assert isinstance(network, RuntimeNetwork) and network.quantized.path == path
 
 
 @pytest.mark.slow
 def test_command_line_calibration_and_int8_inference(dataset, tmp_path: Path) -> None:
-    """`python -m scripts.quantize` with the shipped weights on the synthetic training sequences, then the inference
-    job with `--runtime onnxruntime --quantized FILE` on the val sequence: labels equal float32's on ≥ 97 % of the
-    pixels; an existing output is refused, and so is a dataset whose sequences are all val."""
+    """`python -m scripts.tools.quantize` with the shipped weights on the synthetic training sequences, then the
+    inference job with `--runtime onnxruntime --quantized FILE` on the val sequence: labels equal float32's on ≥ 97 %
+    of the pixels; an existing output is refused, and so is a dataset whose sequences are all val."""
     root, split = dataset
     output = tmp_path / "int8.json"
-    quantize = [sys.executable, "-m", "scripts.quantize", "--dataset_dir", str(root), "--split_file", str(split)]
+    quantize = [sys.executable, "-m", "scripts.tools.quantize", "--dataset_dir", str(root), "--split_file", str(split)]
     results = run_all({"calibrate": [*quantize, "--output", str(output), "--frames_per_sequence", "4"]})
     succeeded(results["calibrate"])
     assert "calibrating on 2 training sequences" in results["calibrate"].stdout
@@ -252,7 +249,15 @@ def test_command_line_calibration_and_int8_inference(dataset, tmp_path: Path) ->
             **common,
         ),
         "exists": [*quantize, "--output", str(output)],
-        "all_val": [sys.executable, "-m", "scripts.quantize", "--dataset_dir", str(root), "--split_file", str(all_val)]
+        "all_val": [
+            sys.executable,
+            "-m",
+            "scripts.tools.quantize",
+            "--dataset_dir",
+            str(root),
+            "--split_file",
+            str(all_val),
+        ]
         + ["--output", str(tmp_path / "x.json")],
         "wrong_runtime": bundle_command(
             "inference", "inference.json", output_dir=tmp_path / "x", quantized=output, **common

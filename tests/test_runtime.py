@@ -12,7 +12,6 @@ probabilities within 1e-4; label maps of a whole propagation equal on at least 9
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import torch
 from conftest import REPO, SAMPLE, SAMPLE_SEQUENCE
 from monai.bundle import ConfigParser
 from PIL import Image
-from test_cli import bundle_command, run_all, succeeded
+from test_cli import bundle_command, config_files, run_all, succeeded
 
 import scripts.runtime
 from scripts.annotations import read_label_series
@@ -182,7 +181,7 @@ def test_unknown_missing_or_misplaced_runtimes_are_refused_in_one_line(
     check_runtime("torch", "cuda")
     with pytest.raises(InputError, match="needs the eager network"):
         runtime_network(torch.jit.script(torch.nn.Identity()), "openvino")
-    flags = ConfigParser.load_config_file(str(CONFIGS / "inference.json"))["flags"]
+    flags = ConfigParser.load_config_file(str(CONFIGS / "inference.json"))["model_flags"]
     assert flags["runtime"]["choices"] == "$list(scripts.runtime.RUNTIMES)"
     spec = {**flags["runtime"], "value": "openvino", "choices": list(RUNTIMES), "check": check_runtime}
     check_flags({"runtime": spec}, argv=[])
@@ -196,20 +195,17 @@ def test_unknown_missing_or_misplaced_runtimes_are_refused_in_one_line(
 
 @pytest.mark.parametrize("config", ["inference.json", "evaluate.json", "batch_inference.json", "app.json"])
 def test_every_model_config_declares_the_flag(config: str) -> None:
+    """Every model job (a layer over inference.json, or inference.json itself) has the flag and wires it."""
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
+    parser.read_config(config_files(config))
     parser.update({"device": "$torch.device('cpu')"})
     assert parser["runtime"] == "torch"
-    spec = parser.get_parsed_content("flags#runtime")
+    spec = parser.get_parsed_content("flags")["runtime"]
     assert spec["type"] == "choice" and spec["choices"] == list(RUNTIMES)
     spec["check"]("onnxruntime")
-    if config != "app.json":  # the app builds inference.json's propagator (and loads the weights) when it starts
-        propagator = "model_propagator" if config == "evaluate.json" else "propagator"
-        parser.update({"runtime": "onnxruntime"})
-        network = parser.get_parsed_content(propagator).network
-        assert isinstance(network, RuntimeNetwork) and network.runtime == "onnxruntime"
-    else:
-        assert "runtime=@runtime" in json.loads((CONFIGS / config).read_text())["propagator"]
+    parser.update({"runtime": "onnxruntime"})
+    network = parser.get_parsed_content("propagator").network
+    assert isinstance(network, RuntimeNetwork) and network.runtime == "onnxruntime"
 
 
 @pytest.mark.slow

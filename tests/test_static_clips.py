@@ -191,7 +191,7 @@ def test_pretrain_static_config_trains(tmp_path: Path, stills: list[StaticImage]
 
 def test_pack_data_packs_an_image_folder(stills: list[StaticImage], tmp_path: Path) -> None:
     """`pack_data` shrinks an image/mask folder (as Kvasir-SEG travels to a lent GPU) and keeps its layout."""
-    from scripts.pack_data import main
+    from scripts.tools.pack_data import main
 
     main([str(stills[0].image.parents[1]), str(tmp_path / "packed"), "--short-side", "48"])
     packed = list_static_images(str(tmp_path / "packed"))

@@ -23,7 +23,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch.utils.data import default_collate
 
 from scripts import training
@@ -31,7 +31,7 @@ from scripts.data import ClipDataset, list_sequences
 from scripts.losses import TemporalContrastiveLoss
 from scripts.network import TCMN
 from scripts.synthetic import write_echo_dataset
-from scripts.training import ClipPropagation, TimeBudget, TrainingStep, warmup_cosine
+from scripts.training import ClipPropagation, TimeBudget, TrainingStep, term_metrics, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -118,12 +118,39 @@ def test_a_few_steps_on_a_fixed_clip_reduce_the_loss(data: SimpleNamespace) -> N
         optimizer=torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-3),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
     )
-    step = TrainingStep(TemporalContrastiveLoss(pos_gap=1, neg_gap=2), contrastive_weight=0.1, max_objects=2)
+    terms = {
+        "seg_loss": {"loss": DiceCELoss(to_onehot_y=True, softmax=True), "weight": 1.0},
+        "contrastive_loss": {"loss": TemporalContrastiveLoss(pos_gap=1, neg_gap=2), "weight": 0.1},
+    }
+    step = TrainingStep(terms, max_objects=2)
     losses = [step(engine, batch)[0] for _ in range(10)]
     seg = [out["seg_loss"] for out in losses]
     assert all(torch.isfinite(torch.tensor([out["loss"] for out in losses])))
     assert min(seg[-3:]) < 0.7 * seg[0], f"segmentation loss did not fall: {seg}"
     assert losses[-1]["loss"] < losses[0]["loss"]
+
+
+def test_the_declared_loss_terms_are_summed_logged_and_averaged(data: SimpleNamespace) -> None:
+    """A term added to `loss_terms` is in every step's output and gets its epoch metric, with no code naming it."""
+    torch.manual_seed(0)
+    clips = ClipDataset(list_sequences(data.root, "train", data.split), num_frames=3, max_gap=2, crop_size=64)
+    batch = default_collate([clips[0]])
+    network = TCMN("lite", pretrained=False, freeze_stride4=True)
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cpu")),
+        network=ClipPropagation(network),
+        optimizer=torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.0),
+    )
+    terms = {
+        "seg_loss": {"loss": DiceCELoss(to_onehot_y=True, softmax=True), "weight": 1.0},
+        "dice": {"loss": DiceLoss(to_onehot_y=True, softmax=True), "weight": 0.5},
+        "contrastive_loss": {"loss": TemporalContrastiveLoss(pos_gap=1, neg_gap=2), "weight": 0.1},
+    }
+    (out,) = TrainingStep(terms, use_contrastive=False)(engine, batch)
+    assert list(out) == ["loss", "seg_loss", "dice", "contrastive_loss"]
+    assert out["contrastive_loss"] == 0.0 and out["dice"] > 0
+    assert out["loss"] == pytest.approx(out["seg_loss"] + 0.5 * out["dice"], rel=1e-6)
+    assert list(term_metrics(terms)) == ["epoch_seg_loss", "epoch_dice", "epoch_contrastive_loss"]
 
 
 def test_boolean_flags_given_as_strings_mean_what_they_say(data: SimpleNamespace, tmp_path: Path) -> None:
@@ -499,7 +526,7 @@ def test_ddp_ranks_stay_in_step(data: SimpleNamespace, tmp_path: Path) -> None:
 
 def test_training_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark's measurement runs end to end (at toy size; its numbers are not checked here)."""
-    from scripts import benchmark_training
+    from scripts.tools import benchmark_training
 
     args = benchmark_training.parse_args(
         ["--variant", "lite", "--iterations", "1", "--warmup", "0", "--size", "32", "--batch_size", "1"]

@@ -20,8 +20,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
-from scripts.export import FrameStep, export_onnx
 from scripts.network import TCMN
+from scripts.tools.export import FrameStep, export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

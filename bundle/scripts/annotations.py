@@ -15,9 +15,29 @@ from PIL import Image
 
 from scripts.errors import InputError
 from scripts.overlay import PALETTE
-from scripts.readers import NIFTI_SUFFIXES, READ_ERRORS, NiftiSeries, VideoInfo, natural_key, path_suffix
+from scripts.readers import READ_ERRORS, NiftiSeries, VideoInfo, natural_key, path_suffix
 
 MAX_LABEL = 255
+
+
+# The one table of annotation formats: suffix → how it is read (a PNG label map of one frame; a NIfTI label map or
+# label series). Every job and the app ask `annotation_kind` / `check_annotation_format`.
+ANNOTATION_FORMATS = {".png": "png", ".nii": "nifti", ".nii.gz": "nifti"}
+
+
+def annotation_kind(path: str | Path) -> str | None:
+    """`png` or `nifti` from the format table, None for any other file."""
+    return ANNOTATION_FORMATS.get(path_suffix(Path(path)))
+
+
+def check_annotation_format(path: str | Path, shown: str | None = None) -> str:
+    """The annotation's kind, or a one-line `InputError` naming `shown` (default: the path) and the formats taken."""
+    kind = annotation_kind(path)
+    if kind is None:
+        *first, last = ANNOTATION_FORMATS
+        suffix = path_suffix(Path(path))
+        raise InputError(f"{shown or path}: unsupported annotation format {suffix!r}; use {', '.join(first)} or {last}")
+    return kind
 
 
 def read_label_map(path: str | Path) -> np.ndarray:
@@ -88,14 +108,11 @@ def read_annotations(
     for i, path in enumerate(map(Path, paths)):
         if not path.is_file():
             raise InputError(f"{path}: no such annotation file")
-        suffix = path_suffix(path)
-        if suffix in NIFTI_SUFFIXES:
+        if check_annotation_format(path) == "nifti":
             found = _read_nifti_annotations(path, info, frames[i] if frames is not None else 0)
-        elif suffix == ".png":
+        else:
             t = frames[i] if frames is not None else 0
             found = {_frame_index(path, t, info): _label_map(path, read_label_map(path), info)}
-        else:
-            raise InputError(f"{path}: unsupported annotation format {suffix!r}; use .png, .nii or .nii.gz")
         for t, labels in found.items():
             if t in annotations:
                 raise InputError(f"{path}: frame {t} is annotated twice")

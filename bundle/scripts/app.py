@@ -1,9 +1,9 @@
 """The browser app: a FastAPI server around `scripts.app_state` and the static page in ``bundle/app``.
 
-Started by ``python -m monai.bundle run app --meta_file … --config_file bundle/configs/app.json``; it serves on
-127.0.0.1 unless ``--host`` says otherwise, and blocks until Ctrl-C. The propagator is the one ``inference.json``
-declares (read here through MONAI's ``ConfigParser`` with the app's flags as overrides), so the app and the
-``inference`` job cannot drift apart. Every refusal is the CLI's one-line message, sent as JSON ``{"detail": …}``.
+Started by ``python -m monai.bundle run app --meta_file … --config_file "['bundle/configs/inference.json',
+'bundle/configs/app.json']"``; it serves on 127.0.0.1 unless ``--host`` says otherwise, and blocks until Ctrl-C.
+``app.json`` is a layer over ``inference.json``, so the app's propagator, weights and model flags are the inference
+job's own. Every refusal is the CLI's one-line message, sent as JSON ``{"detail": …}``.
 """
 
 from __future__ import annotations
@@ -30,17 +30,6 @@ from scripts.errors import InputError
 
 STATIC = Path(__file__).resolve().parents[1] / "app"
 UPLOAD_PATHS = ("/api/upload", "/masks")
-
-
-def inference_propagator(config_file: str | Path, **overrides: object):
-    """The ``propagator`` of ``inference.json`` with its weights loaded (``load_weights``), quiet (no tqdm bar)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser.update({**overrides, "progress": False})
-    parser.get_parsed_content("load_weights")
-    return parser.get_parsed_content("propagator")
 
 
 @contextlib.contextmanager

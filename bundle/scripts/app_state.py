@@ -23,14 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scripts.annotations import read_annotations, read_label_map
+from scripts.annotations import annotation_kind, check_annotation_format, read_annotations, read_label_map
 from scripts.errors import InputError
 from scripts.outputs import allocated_memmap
 from scripts.predict import Prediction
-from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, VideoInfo, VideoSource, open_video, path_suffix
+from scripts.readers import VIDEO_FORMATS, VideoInfo, VideoSource, open_video, path_suffix
 
-VIDEO_OPENABLE = NIFTI_SUFFIXES + VIDEO_SUFFIXES + (".dcm",)
-MASK_SUFFIXES = NIFTI_SUFFIXES + (".png",)
 FRAME_CACHE_BYTES = 64 * 2**20  # encoded JPEGs kept for scrubbing back and forth
 
 
@@ -182,10 +180,7 @@ class VideoSession:
 
     def load_mask_file(self, path: Path, t: int) -> list[int]:
         """Annotations from a PNG or NIfTI label map (a NIfTI series may annotate several frames), as --mask."""
-        if path_suffix(path) not in MASK_SUFFIXES:
-            raise InputError(
-                f"{path.name}: unsupported annotation format {path_suffix(path)!r}; use .png, .nii or .nii.gz"
-            )
+        check_annotation_format(path, shown=path.name)
         found = read_annotations([path], [t], self.info)
         for frame, labels in found.items():
             self.set_annotation(frame, labels)
@@ -375,9 +370,9 @@ class AppState:
             rel = (folder.relative_to(self.data_dir) / path.name).as_posix()
             if path.is_dir():
                 entries.append({"name": path.name, "path": rel, "kind": "folder"})
-            elif path_suffix(path) in VIDEO_OPENABLE:
+            elif path_suffix(path) in VIDEO_FORMATS:
                 entries.append({"name": path.name, "path": rel, "kind": "video"})
-            elif path_suffix(path) in MASK_SUFFIXES:
+            elif annotation_kind(path) is not None:
                 entries.append({"name": path.name, "path": rel, "kind": "mask"})
         here = folder.relative_to(self.data_dir).as_posix()
         return {"path": "" if here == "." else here, "entries": entries}

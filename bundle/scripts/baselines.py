@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:  # only len() and source[t] are used, so any frame sequence will do
-    from .readers import VideoSource
+    from scripts.readers import VideoSource
 
 
 def propagation_order(num_frames: int, annotated: list[int]) -> list[tuple[int, int | None]]:

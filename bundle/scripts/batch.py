@@ -20,12 +20,13 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
+from scripts.davis import annotation_files, frame_files, sequence_folders
 from scripts.distributed import gather, job_lock, rank_and_size, share
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
 from scripts.outputs import output_lock, remove_stale_staging, staged_output
 from scripts.predict import Prediction, video_name
-from scripts.readers import IMAGE_SUFFIXES, NiftiSeries, natural_key
+from scripts.readers import NiftiSeries
 
 REPORT = "batch_report.json"
 DATALIST_KEY = "testing"
@@ -92,9 +93,9 @@ def _davis_videos(root: Path) -> list[Video]:
     if not images.is_dir() or not annotations.is_dir():
         raise InputError(f"{root}: a folder given as --datalist must hold DAVIS-layout JPEGImages/ and Annotations/")
     videos = []
-    for folder in sorted((p for p in images.iterdir() if p.is_dir()), key=natural_key):
-        frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
-        masks = sorted((annotations / folder.name).glob("*.png"), key=natural_key)
+    for folder in sequence_folders(images):
+        frames = frame_files(folder)
+        masks = annotation_files(annotations / folder.name)
         if not masks:
             raise InputError(f"{annotations / folder.name}: no annotation (PNG label map) for {folder}")
         stems = [f.stem for f in frames]

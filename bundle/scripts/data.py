@@ -1,7 +1,7 @@
 """Sequences and clip sampling for training: splits, frame gaps, augmentation applied identically to a clip.
 
-Data roots use the DAVIS layout (``<root>/JPEGImages/<seq>/*.jpg``, ``<root>/Annotations/<seq>/*.png``); the
-dataset name is the root's folder name, so sequences are keyed ``"<dataset>/<sequence>"`` in ``configs/splits.json``.
+Data roots use the DAVIS layout, scanned by `scripts.davis` (``list_sequences``, re-exported here); the dataset name
+is the root's folder name, so sequences are keyed ``"<dataset>/<sequence>"`` in ``configs/splits.json``.
 
 The shipped split (``configs/splits.json``) holds out whole sequences, never frames of one sequence, so validation
 measures propagation on unseen videos:
@@ -17,10 +17,8 @@ Sequences missing from the split file count as ``train``, so a new dataset train
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +34,11 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 from PIL import Image
 
-from .annotations import read_label_map
-from .errors import InputError
+from scripts.annotations import read_label_map
+from scripts.davis import DEFAULT_SPLIT_FILE, SPLITS, Sequence, list_sequences, load_split  # noqa: F401 (re-exported)
+from scripts.errors import InputError
+from scripts.inferer import short_side_shape
+from scripts.readers import FRAME_SUFFIXES  # noqa: F401 (re-exported: static_clips)
 
 __all__ = [
     "DEFAULT_SPLIT_FILE",
@@ -52,82 +53,8 @@ __all__ = [
     "clip_transforms",
 ]
 
-DEFAULT_SPLIT_FILE = Path(__file__).resolve().parents[1] / "configs" / "splits.json"
-SPLITS = ("train", "val")
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 CROP_TRIES = 5  # crops tried before dropping objects that fell outside the first frame
 CLIP_TRIES = 50  # clips tried before giving up on finding an annotated first frame
-
-
-@dataclass
-class Sequence:
-    """One annotated video: frame paths in temporal order and the label map path of each frame."""
-
-    dataset: str
-    name: str
-    frames: list[Path]
-    masks: list[Path]
-
-    @property
-    def key(self) -> str:
-        """The sequence's key in the split file."""
-        return f"{self.dataset}/{self.name}"
-
-
-def load_split(path: str | Path) -> dict[str, str]:
-    """Read a split file mapping ``"<dataset>/<sequence>"`` to ``train`` or ``val``."""
-    path = Path(path)
-    try:
-        split = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read split file ({e})") from e
-    if not isinstance(split, dict):
-        raise InputError(f"{path}: split file must be a JSON object mapping '<dataset>/<sequence>' to train|val")
-    bad = {k: v for k, v in split.items() if "/" not in k or v not in SPLITS}
-    if bad:
-        raise InputError(f"{path}: entries must map '<dataset>/<sequence>' to one of {SPLITS}, got {bad}")
-    return split
-
-
-def _scan_root(root: Path) -> list[Sequence]:
-    """List the sequences of one DAVIS root, checking that every frame has its label map."""
-    images, annotations = root / "JPEGImages", root / "Annotations"
-    for folder in (images, annotations):
-        if not folder.is_dir():
-            raise InputError(f"{folder}: missing; a data root needs JPEGImages/ and Annotations/ (DAVIS layout)")
-    sequences = []
-    for seq_dir in sorted(p for p in images.iterdir() if p.is_dir()):
-        frames = sorted(p for p in seq_dir.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-        if not frames:
-            raise InputError(f"{seq_dir}: sequence has no frames ({'/'.join(FRAME_SUFFIXES)})")
-        masks = [annotations / seq_dir.name / f"{f.stem}.png" for f in frames]
-        for frame, mask in zip(frames, masks):
-            if not mask.is_file():
-                raise InputError(f"{mask}: label map missing for frame {frame}")
-        sequences.append(Sequence(root.name, seq_dir.name, frames, masks))
-    if not sequences:
-        raise InputError(f"{images}: no sequence folders")
-    return sequences
-
-
-def list_sequences(
-    roots: str | Path | Iterable[str | Path], split: str | None = None, split_file: str | Path | None = None
-) -> list[Sequence]:
-    """List the sequences under one or more DAVIS roots, optionally only those of one split.
-
-    ``roots`` may hold comma-separated strings (handy in configs). With ``split`` set, ``split_file`` defaults to the
-    bundle's ``configs/splits.json``; sequences it does not list count as ``train``.
-    """
-    if isinstance(roots, (str, Path)):
-        roots = [roots]
-    roots = [r.strip() for root in roots for r in str(root).split(",") if r.strip()]
-    sequences = [s for root in roots for s in _scan_root(Path(root))]
-    if split is None:
-        return sequences
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-    assignment = load_split(split_file or DEFAULT_SPLIT_FILE)
-    return [s for s in sequences if assignment.get(s.key, "train") == split]
 
 
 def gap_curriculum(epoch: int, max_epochs: int, start: int, peak: int, end: int) -> int:
@@ -151,12 +78,6 @@ def _resize(img: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tenso
     """Resize ``C×H×W`` with a torch mode ("bilinear" is antialiased, much faster than MONAI's Gaussian smoothing)."""
     smooth = mode == "bilinear"
     return F.interpolate(img[None], shape, mode=mode, antialias=smooth, align_corners=False if smooth else None)[0]
-
-
-def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(H, W) scaled so the short side equals ``size``, aspect ratio kept (training, validation and inference)."""
-    scale = size / min(height, width)
-    return max(size, round(height * scale)), max(size, round(width * scale))
 
 
 class ShortSideResized(MapTransform):

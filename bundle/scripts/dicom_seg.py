@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from scripts.errors import InputError
-from scripts.readers import READ_ERRORS
+from scripts.readers import READ_ERRORS, video_kind
 
 SEG_SUFFIX = "_seg.dcm"
 _METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
@@ -46,11 +46,8 @@ TYPE2 = (
 
 
 def is_dicom(path: str | Path) -> bool:
-    """A ``.dcm`` file or a folder holding one, as `scripts.readers.open_video` decides."""
-    path = Path(path)
-    if path.is_dir():
-        return any(p.suffix.lower() == ".dcm" for p in path.iterdir())
-    return path.suffix.lower() == ".dcm"
+    """A ``.dcm`` file or a folder holding one: what `scripts.readers.open_video` reads as DICOM."""
+    return video_kind(path) == "dicom"
 
 
 def parse_labels(value: str | Mapping | None) -> dict[int, str]:

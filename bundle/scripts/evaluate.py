@@ -25,14 +25,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from .annotations import read_label_series
-from .baselines import CopyFirstFrame, FarnebackFlow
-from .data import Sequence, list_sequences
-from .errors import InputError
-from .flags import as_bool
-from .metrics import SCORES, SequenceScorer, aggregate, objects_of
-from .outputs import prepare_output_dir, staged_output, write_png_labels
-from .readers import open_video
+from scripts.annotations import read_label_series
+from scripts.baselines import CopyFirstFrame, FarnebackFlow
+from scripts.davis import Sequence, list_sequences
+from scripts.errors import InputError
+from scripts.flags import as_bool
+from scripts.metrics import SCORES, SequenceScorer, aggregate, objects_of
+from scripts.outputs import prepare_output_dir, staged_output, write_png_labels
+from scripts.readers import open_video
 
 METHODS = ("model", "copy", "flow")
 OUTPUTS = ("metrics.json", "per_sequence.csv", "jf.png", "pred")  # all an evaluation writes into its output folder
@@ -55,7 +55,7 @@ class Evaluation:
     """One evaluation run; plain constructor arguments so a bundle config can declare it.
 
     ``dataset_dir`` may list several roots separated by commas; ``split`` keeps only that split's sequences of
-    ``split_file`` (see ``scripts.data.list_sequences``); ``sequences`` keeps only the named ones (``name`` or
+    ``split_file`` (see ``scripts.davis.list_sequences``); ``sequences`` keeps only the named ones (``name`` or
     ``dataset/name``).
     """
 

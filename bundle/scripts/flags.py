@@ -8,8 +8,9 @@ checked are the config's own after MONAI applied the overrides (each declaration
 from an `--args_file` or given in process are checked too.
 
 `python -m monai.bundle run … --save_png true` hands the config the string 'true' (fire parses only Python literals),
-and a non-empty string is truthy, so every boolean flag goes through `as_bool` once: in the `flag` block of each config
-for flags the configs use, in the job's constructor for flags it receives raw.
+and a non-empty string is truthy, so every boolean flag goes through `as_bool` once (and every optional one through
+`optional`): in the `parsed` block of each config for flags the configs use, in the job's constructor for flags it
+receives raw. `flags` declares the flags (what they take, their help), `parsed` holds their converted values.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def as_bool(value: object) -> bool:
             return False
         raise ValueError(f"expected true or false, got {value!r}")
     return bool(value)
+
+
+def is_none(value: object) -> bool:
+    """An optional flag left out: None, '' or 'none' as `--help` shows it (fire reads only `None` as Python's)."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
+def optional(value: object) -> object:
+    """An optional flag's value for the objects it configures: None where `is_none`, else the value itself."""
+    return None if is_none(value) else value
 
 
 def as_list(value: object) -> list:
@@ -220,7 +231,7 @@ def accepted(spec: Mapping, value: object) -> str | None:
     kind = spec.get("type", "text")
     if kind not in TYPES:
         raise ValueError(f"flag type {kind!r} is not one of {TYPES}")
-    if spec.get("optional") and value in (None, ""):
+    if spec.get("optional") and is_none(value):
         return None
     if kind == "bool":
         ok = isinstance(value, bool) or value in (0, 1)
@@ -287,6 +298,18 @@ def _has(parser: ConfigParser, name: str) -> bool:
         return False
 
 
+def other_jobs_flags(parser: ConfigParser, flags: Mapping[str, Mapping]) -> set[str]:
+    """Flags declared in the configs (a section of `{name: {"value": "@name", …}}` declarations) but not this job's:
+    in a job layered over `inference.json`, the inference job's own flags (`--video`, `--save_png`) are items of the
+    merged config, yet the job would silently ignore them, so they are refused as any unknown flag is."""
+    declared = set()
+    for section in parser.get().values():
+        if isinstance(section, Mapping) and section:
+            if all(isinstance(v, Mapping) and v.get("value") == f"@{k}" for k, v in section.items()):
+                declared.update(section)
+    return declared - set(flags)
+
+
 def _suggestion(name: str, candidates: Sequence[str], parser: ConfigParser) -> str | None:
     """The closest valid name (difflib), among the siblings of a nested id `a#b`."""
     if "#" in name:
@@ -322,9 +345,11 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
         if DEBUG_FLAG in line.values and accepted({"type": "bool"}, line.values[DEBUG_FLAG]) is not None:
             raise SystemExit(f"error: --{DEBUG_FLAG} {line.values[DEBUG_FLAG]}: true or false")
         known = (*flags, DEBUG_FLAG)
-        unknown = [name for name in line.overrides if name not in known and not _has(parser, name)]
+        others = other_jobs_flags(parser, flags)
+        unknown = [n for n in line.overrides if n not in known and (n in others or not _has(parser, n))]
         if unknown:
-            candidates = [*known, *monai_options(), *(k for k in parser.get() if not str(k).startswith("_"))]
+            ids = (k for k in parser.get() if not str(k).startswith("_") and k not in others)
+            candidates = [*known, *monai_options(), *ids]
             named = []
             for name in unknown:
                 match = _suggestion(name, candidates, parser)
@@ -339,7 +364,7 @@ def check_flags(flags: Mapping[str, Mapping], argv: Sequence[str] | None = None)
         problem = accepted(spec, spec.get("value"))
         if problem is not None:
             raise SystemExit(f"error: --{name} {show(spec.get('value'))}: {problem}")
-        if spec.get("check") is not None:
+        if spec.get("check") is not None and not (spec.get("optional") and is_none(spec.get("value"))):
             try:
                 spec["check"](spec.get("value"))
             except InputError as err:

@@ -10,7 +10,7 @@ the `memory` factory the config declares, so the eviction rule is the bank's bus
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 import logging
 import math
 import os
@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
-from scripts.data import short_side_shape
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
 
 logger = logging.getLogger(__name__)
-# bytes per (memory position, query position) pair at the read's peak: the dense read holds the float32 affinity, its
-# max-shifted copy and the softmax weights; the top-k read one matrix of candidate scores (float32 at most)
-READ_BYTES_PER_PAIR = {"dense": 12, "top_k": 4}
 KEY_STRIDE = 16
+
+
+def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H, W) scaled so the short side equals ``size``, aspect ratio kept (training, validation and inference)."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
 
 
 def available_memory(device: torch.device) -> int:
@@ -55,7 +57,7 @@ def unwrap(network: torch.nn.Module) -> TCMN:
 
 
 class PropagationState:
-    """One video's propagation: the network, its memory bank and the memory write schedule.
+    """One video's propagation: the network, its memory bank (`bank`) and the memory write schedule.
 
     Annotated frames are `pin`ned first (never evicted; corrections later in the video then guide earlier frames
     too). `step` gives one frame's probabilities (K+1)×H×W, channel k for object k; frames are 1×3×H×W in [0, 1] and
@@ -68,7 +70,7 @@ class PropagationState:
     def __init__(
         self,
         network: torch.nn.Module,
-        memory: MemoryBank,
+        bank: MemoryBank,
         num_objects: int,
         mem_every: int = 5,
         size: int | None = None,
@@ -78,7 +80,7 @@ class PropagationState:
         if mem_every < 1:
             raise ValueError(f"mem_every must be >= 1, got {mem_every}")
         self.net = unwrap(network)
-        self.memory = memory
+        self.bank = bank
         self.num_objects = num_objects
         self.mem_every = mem_every
         self.size = size
@@ -111,11 +113,11 @@ class PropagationState:
             frame = self._prepare(frame)
             masks = F.interpolate(self.one_hot(labels)[None, 1:], size=frame.shape[-2:], mode="bilinear")
             key, f16, _, _ = self.net.encode_key(frame)
-            self.memory.write(key, self.net.encode_value(frame, f16, masks), pinned=True)
+            self.bank.write(key, self.net.encode_value(frame, f16, masks), pinned=True)
 
     def new_pass(self) -> None:
         """Start a propagation pass (another direction): working memory cleared, write schedule restarted."""
-        self.memory.clear_working()
+        self.bank.clear_working()
         self.since_write = 0
 
     def step(self, frame: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,11 +132,11 @@ class PropagationState:
         with self._context():
             prepared = self._prepare(frame)
             key, f16, f8, f4 = self.net.encode_key(prepared)
-            logits = self.net.decode(self.memory.read(key), f16, f8, f4, tuple(prepared.shape[-2:]))
+            logits = self.net.decode(self.bank.read(key), f16, f8, f4, tuple(prepared.shape[-2:]))
             prob = torch.softmax(logits.float(), dim=1)
             self.since_write += 1
             if self.since_write >= self.mem_every:
-                self.memory.write(key, self.net.encode_value(prepared, f16, prob[:, 1:]))
+                self.bank.write(key, self.net.encode_value(prepared, f16, prob[:, 1:]))
                 self.since_write = 0
             if prob.shape[-2:] != frame.shape[-2:]:
                 prob = F.interpolate(prob, size=frame.shape[-2:], mode="bilinear")
@@ -144,10 +146,11 @@ class PropagationState:
 class PropagationInferer(Inferer):
     """Propagate annotated frames' labels forward to the end and backward to frame 0, with bounded memory.
 
-    Every non-zero label is an object; objects are segmented together with soft aggregation. `memory` makes one
-    empty `MemoryBank` per video (the config declares it with `"_mode_": "callable"`); see `PropagationState` for
-    `mem_every`, `size` and `amp`. `adapt` (optional, `adapt.TestTimeAdaptation`) is called at the start of each
-    video with the network, the annotated frames and their labels, and gives the network to propagate that video with.
+    Every non-zero label is an object; objects are segmented together with soft aggregation. `memory` is a factory
+    (the config declares it with `"_mode_": "callable"`) of one empty `MemoryBank` per video, the `bank` of its
+    `PropagationState`; see `PropagationState` for `mem_every`, `size` and `amp`. `adapt` (optional,
+    `adapt.TestTimeAdaptation`) is called at the start of each video with the network, the annotated frames and their
+    labels, and gives the network to propagate that video with.
     """
 
     def __init__(
@@ -182,27 +185,16 @@ class PropagationInferer(Inferer):
         """Peak bytes of one memory read for H×W frames run at short side `size` (None: native) with `pinned`
         annotated frames and a full working memory: every memory position meets every query position."""
         h, w = short_side_shape(height, width, size) if size else (height, width)
-        positions = math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE)
-        top_k = self._bank_setting("top_k", None)  # unknown: the dense read's estimate, the larger
-        per_pair = READ_BYTES_PER_PAIR["dense" if top_k is None else "top_k"]
-        return (pinned + self.capacity()) * positions * positions * per_pair
+        return self.probe_bank.read_bytes(math.ceil(h / KEY_STRIDE) * math.ceil(w / KEY_STRIDE), pinned)
 
     def capacity(self) -> int:
-        """The working-memory frames a bank of `memory` holds: its `mem_size` (a bank is made to ask only when the
-        factory does not say)."""
-        mem_size = self._bank_setting("mem_size", None)
-        return mem_size if isinstance(mem_size, int) else int(getattr(self.memory(), "mem_size", 0))
+        """The working-memory frames a bank of `memory` holds, as the bank reports it."""
+        return self.probe_bank.capacity
 
-    def _bank_setting(self, name: str, unknown: object) -> object:
-        """A setting of the banks `memory` makes, read off the factory's signature (a class or a `functools.partial`,
-        as configs declare it) so that no bank is made just to ask; `unknown` where the signature does not say."""
-        value = getattr(self.memory, "keywords", {}).get(name, inspect.Parameter.empty)  # a partial's own
-        if value is inspect.Parameter.empty:
-            try:
-                value = inspect.signature(self.memory).parameters[name].default
-            except (KeyError, TypeError, ValueError):
-                pass
-        return unknown if value is inspect.Parameter.empty else value
+    @functools.cached_property
+    def probe_bank(self) -> MemoryBank:
+        """An empty bank of `memory`, asked for its capacity and read cost (an empty bank holds no tensors)."""
+        return self.memory()
 
     def fitted_size(self, height: int, width: int, pinned: int, budget: int) -> int | None:
         """The short side to run H×W frames at so that one memory read fits in `budget` bytes: the inferer's own

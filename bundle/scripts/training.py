@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointSaver, MLFlowHandler
+from ignite.metrics import Average
+from monai.handlers import CheckpointSaver, MLFlowHandler, from_engine
 from torch.utils.data import DistributedSampler
 
 from scripts.data import gap_curriculum
@@ -59,23 +60,27 @@ def object_masks(label: torch.Tensor, num_objects: int) -> torch.Tensor:
     return F.one_hot(label[:, 0].long().clamp(0, num_objects), num_objects + 1).permute(0, 3, 1, 2)[:, 1:].float()
 
 
-class TrainingStep:
-    """`iteration_update` for `SupervisedTrainer`: clip propagation, segmentation loss + λ · temporal contrastive.
+def term_metrics(terms: Mapping[str, Mapping]) -> dict[str, Average]:
+    """The trainer's epoch metrics of the declared loss terms: `epoch_<name>`, the epoch's mean of each term."""
+    return {f"epoch_{name}": Average(output_transform=from_engine([name], first=True)) for name in terms}
 
-    Returns the losses as a one-item list of dicts, the shape of MONAI's decollated trainer output, so the
-    `from_engine([...], first=True)` transforms of `StatsHandler`, `MLFlowHandler` (`--tracking mlflow`) and the loss
-    metrics get floats; from a plain dict they would get 1-tuples, which MLflow rejects.
+
+class TrainingStep:
+    """`iteration_update` for `SupervisedTrainer`: clip propagation, then the weighted sum of the declared loss terms.
+
+    `terms` maps each term's name to `{"loss": …, "weight": …}` (`loss_terms` in `train.json`); the sum and every
+    term are returned under their names, so logging and the epoch metrics follow the declaration. A term whose loss
+    is a `TemporalContrastiveLoss` reads the memory values' object embeddings (0 while `use_contrastive` is off);
+    any other is a segmentation loss of each propagated frame's logits against its labels (MONAI's losses). Returns
+    a one-item list of dicts, the shape of MONAI's decollated trainer output, so the `from_engine([...], first=True)`
+    transforms of `StatsHandler`, `MLFlowHandler` (`--tracking mlflow`) and the loss metrics get floats; from a plain
+    dict they would get 1-tuples, which MLflow rejects.
     """
 
-    def __init__(
-        self,
-        contrastive_loss: TemporalContrastiveLoss,
-        contrastive_weight: float = 0.1,
-        use_contrastive: bool = True,
-        max_objects: int = 2,
-    ) -> None:
-        self.contrastive_loss = contrastive_loss
-        self.contrastive_weight = contrastive_weight
+    def __init__(self, terms: Mapping[str, Mapping], use_contrastive: bool = True, max_objects: int = 2) -> None:
+        if not terms:
+            raise ValueError("TrainingStep needs at least one loss term")
+        self.terms = {name: (term["loss"], float(term.get("weight", 1.0))) for name, term in terms.items()}
         self.use_contrastive = use_contrastive
         self.max_objects = max_objects
 
@@ -92,16 +97,22 @@ class TrainingStep:
         engine.optimizer.zero_grad(set_to_none=True)
         frame_index = batch["frame_index"].to(device)
         logits, values = engine.network(image, masks[:, 0], valid, self.use_contrastive, frame_index)
-        seg = torch.stack([engine.loss_function(logits[:, i], label[:, i + 1]) for i in range(logits.shape[1])]).mean()
-        if self.use_contrastive:
-            embeddings = pool_embeddings(values, masks)
-            contrastive = self.contrastive_loss(embeddings, frame_index, valid)
-        else:
-            contrastive = torch.zeros((), device=device)
-        loss = seg + self.contrastive_weight * contrastive
+        values_of: dict[str, torch.Tensor] = {}
+        for name, (loss_fn, _) in self.terms.items():
+            if not isinstance(loss_fn, TemporalContrastiveLoss):
+                frames = [loss_fn(logits[:, i], label[:, i + 1]) for i in range(logits.shape[1])]
+                values_of[name] = torch.stack(frames).mean()
+            elif self.use_contrastive:
+                values_of[name] = loss_fn(pool_embeddings(values, masks), frame_index, valid)
+            else:
+                values_of[name] = torch.zeros((), device=device)
+        weighted = [values_of[n] if w == 1.0 else w * values_of[n] for n, (_, w) in self.terms.items()]
+        loss = weighted[0]
+        for term in weighted[1:]:  # in declaration order, so the sum is the same float whatever the terms
+            loss = loss + term
         loss.backward()
         engine.optimizer.step()
-        return [{"loss": loss.item(), "seg_loss": seg.item(), "contrastive_loss": contrastive.item()}]
+        return [{"loss": loss.item(), **{name: value.item() for name, value in values_of.items()}}]
 
 
 class ResumableSampler(DistributedSampler):
@@ -312,9 +323,15 @@ class TrackingExtras:
     """
 
     def __init__(
-        self, params: dict, validator: Engine | None = None, num_images: int = 2, output_dir: str | None = None
+        self,
+        params: dict,
+        validator: Engine | None = None,
+        num_images: int = 2,
+        output_dir: str | None = None,
+        terms: Sequence[str] = ("seg_loss", "contrastive_loss"),
     ) -> None:
         self.params = params
+        self.terms = tuple(terms)  # the declared loss terms, logged every iteration
         self.validator = validator
         self.num_images = num_images
         self.output_dir = output_dir
@@ -342,7 +359,7 @@ class TrackingExtras:
         if handler is None:
             return
         out = engine.state.output[0]
-        for name in ("seg_loss", "contrastive_loss"):
+        for name in self.terms:
             handler.client.log_metric(handler.cur_run.info.run_id, name, out[name], step=engine.state.iteration)
 
     def on_validation_item(self, validator: Engine, trainer: Engine) -> None:

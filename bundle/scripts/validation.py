@@ -16,7 +16,8 @@ from ignite.metrics import Metric
 from PIL import Image
 
 from scripts.annotations import read_label_map
-from scripts.data import Sequence, short_side_shape
+from scripts.davis import Sequence
+from scripts.inferer import short_side_shape
 from scripts.metrics import SequenceScorer, objects_of
 
 

@@ -5,7 +5,7 @@
 #   lite_con    the same with the temporal contrastive loss (the ablation at GPU scale)
 #   full        the paper-scale variant from random initialisation (no ImageNet ResNet-50 is reachable here)
 # Expects, beside the working tree: .whl/ (monai, pytorch-ignite, nibabel, fire, termcolor wheels for the GPU
-# host's Python) and .devdata/ (cvc_clinicdb and vocalfolds packed by `python -m scripts.pack_data`).
+# host's Python) and .devdata/ (cvc_clinicdb and vocalfolds packed by `python -m scripts.tools.pack_data`).
 # Everything it reports lands in $OUT. See bundle/docs/training_log.md for the numbers it produced.
 set -u
 BUDGET=${BUDGET:-380} DATA_DIR=${DATA_DIR:-.devdata}
@@ -17,9 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 META=bundle/configs/metadata.json
 DATA=$DATA_DIR/cvc_clinicdb,$DATA_DIR/vocalfolds
 
-(cd bundle && timeout 60 python3 -m scripts.benchmark_training --variant lite full --iterations 10 --warmup 2 \
+(cd bundle && timeout 60 python3 -m scripts.tools.benchmark_training --variant lite full --iterations 10 --warmup 2 \
     --device cuda --threads 2 --json "$OUT/bench_train.json") > "$OUT/bench.log" 2>&1
-(cd bundle && timeout 60 python3 -m scripts.benchmark --variants lite,full --sizes 384x288 --frames 300 \
+(cd bundle && timeout 60 python3 -m scripts.tools.benchmark --variants lite,full --sizes 384x288 --frames 300 \
     --device cuda --threads 2 --json "$OUT/bench_propagate.json") >> "$OUT/bench.log" 2>&1
 
 train() {  # name, then overrides of train.json
@@ -44,7 +44,7 @@ python3 -c "import torch; c = torch.load('/tmp/lite_nocon/checkpoints/checkpoint
 
 evaluate() {  # name, variant, weights, dataset root
     local ds; ds=$(basename "$4")
-    timeout 150 python3 -m monai.bundle run evaluating --meta_file $META --config_file bundle/configs/evaluate.json \
+    timeout 150 python3 -m monai.bundle run evaluating --meta_file $META --config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json']" \
         --dataset_dir "$4" --split val --ckpt_path "$3" --variant "$2" --output_dir "/tmp/eval/$1_$ds" \
         > "/tmp/eval_$1_$ds.log" 2>&1
 }

@@ -1,13 +1,13 @@
 """Propagation speed and peak memory of the TCMN variants on synthetic echo video: a benchmark, not a test.
 
-    python -m scripts.benchmark [--variants lite] [--sizes 384x288,512x512] [--objects 1,3] [--memory one,full]
+    python -m scripts.tools.benchmark [--variants lite] [--sizes 384x288,512x512] [--objects 1,3] [--memory one,full]
         [--runtimes torch] [--frames 300] [--threads N] [--device cpu|cuda] [--mem-every 5] [--mem-size 8]
         [--top-k 30] [--infer-size S] [--checkpoint PATH|random] [--warmup 5] [--profile] [--json results.json]
-    python -m scripts.benchmark --table results.json    # the model card's table (Markdown) from a saved run
+    python -m scripts.tools.benchmark --table results.json    # the model card's table (Markdown) from a saved run
 
 Every configuration (the product of variants, sizes, objects, memory states, runtimes and lengths) runs in a fresh
 subprocess, so its RSS high-water mark is its own and not the largest seen so far. Frames come lazily from
-`SyntheticEchoSource` (3,000 frames of 512×512 would be 2.3 GB held in memory), and the propagation loop is the
+`SyntheticEchoSource` (a long 512×512 clip held whole would dwarf the memory measured), and the propagation loop is the
 inference job's (`ModelPropagator.propagate`: channels_last network, inference mode, label maps as uint8), with the
 label maps discarded. Objects: 1 the cavity, 2 adds the myocardium, 3 splits the myocardium into left and right.
 Memory: `one` keeps only the annotated frame (mem_size 0), `full` starts timing once the working memory holds its
@@ -44,8 +44,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "model.pt"
-STAGES = ("key encoding", "memory read", "decode", "value encoding")
+from scripts.tools.benchmark_tables import STAGES, markdown_table, print_table, row_key
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -75,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help=f"weights to load, or 'random'; default {DEFAULT_CHECKPOINT} if present (for the variants it fits) "
-        "else random initialisation",
+        help="weights to load, or 'random'; default the variant's shipped weights (bundle/models/model.pt for lite, "
+        "model_<variant>.pt for the others) if present, else random initialisation",
     )
     parser.add_argument("--warmup", type=int, default=5, help="propagated frames excluded from timing")
     parser.add_argument("--seed", type=int, default=0, help="synthetic clip and random-initialisation seed")
@@ -195,10 +194,12 @@ def _load_weights(net, variant: str, checkpoint: str | None, device) -> str:
     """Load the requested weights; returns how the model was initialised, for the table."""
     import torch
 
+    from scripts.network import weights_file
+
     explicit = checkpoint is not None
-    if checkpoint == "random" or (not explicit and not DEFAULT_CHECKPOINT.is_file()):
+    path = Path(checkpoint if explicit else weights_file(variant))
+    if checkpoint == "random" or (not explicit and not path.is_file()):
         return "random init"
-    path = Path(checkpoint) if explicit else DEFAULT_CHECKPOINT
     state = torch.load(path, map_location=device, weights_only=True)
     try:
         net.load_state_dict(state)
@@ -311,7 +312,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 def run_configuration(cfg: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in a fresh interpreter; failures come back as a row with their error."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"])}
-    command = [sys.executable, "-m", "scripts.benchmark", "--worker", json.dumps(cfg)]
+    command = [sys.executable, "-m", "scripts.tools.benchmark", "--worker", json.dumps(cfg)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     try:
@@ -319,86 +320,6 @@ def run_configuration(cfg: dict[str, Any]) -> dict[str, Any]:
     except (IndexError, json.JSONDecodeError):
         result = {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
     return {**cfg, **result}
-
-
-def _cell(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _key(r: dict[str, Any]) -> list[str]:
-    """The columns that name a configuration."""
-    infer = str(r["infer_size"] or "native")
-    size = "×".join(map(str, r["size"]))
-    return [r["variant"], r.get("runtime", "torch"), size, infer, str(r.get("objects", "-")), r.get("memory", "-")]
-
-
-KEY_HEADER = ["variant", "runtime", "size", "infer", "objects", "memory"]
-
-
-def full_to_one(rows: list[dict[str, Any]]) -> dict[tuple, float]:
-    """ms per frame with a full memory over ms per frame with only the annotated frame, per configuration."""
-    ms = {(*_key(r)[:5], r["frames"], r["memory"]): r["ms_per_frame"] for r in rows if "error" not in r}
-    return {k[:-1]: v / ms[(*k[:-1], "one")] for k, v in ms.items() if k[-1] == "full" and (*k[:-1], "one") in ms}
-
-
-def print_table(rows: list[dict[str, Any]], profile: bool) -> None:
-    """The results as a fixed-width table (and the per-stage table with --profile)."""
-    header = [*KEY_HEADER, "frames", "frames/s", "ms/frame", "gen ms/f", "RSS start", "loop peak"]
-    header += ["process peak", "cuda peak", "weights"]
-    table = []
-    for r in rows:
-        if "error" in r:
-            table.append([*_key(r), str(r["frames"]), f"failed: {r['error']}"])
-            continue
-        table.append(
-            [*_key(r), str(r["frames"]), _cell(r["fps"], 2), _cell(r["ms_per_frame"])]
-            + [_cell(r["gen_ms_per_frame"]), _cell(r["rss_start_mib"]), _cell(r["loop_peak_rss_mib"])]
-            + [_cell(r["process_peak_rss_mib"]), _cell(r["cuda_peak_mib"]), r["weights"]]
-        )
-    _print_rows(header, table)
-    if profile:
-        print("\nper-stage time, ms per propagated frame (value encoding runs every --mem-every frames):")
-        header = [*KEY_HEADER, "frames", *STAGES, "other"]
-        table = [
-            [*_key(r), str(r["frames"])] + [_cell(r["profile_ms_per_frame"][s], 2) for s in (*STAGES, "other")]
-            for r in rows
-            if "profile_ms_per_frame" in r
-        ]
-        _print_rows(header, table)
-    ratios = full_to_one(rows)
-    if ratios:
-        print("\ntime per frame with a full memory / with the annotated frame only:")
-        _print_rows(
-            [*KEY_HEADER[:5], "frames", "full/one"], [[*k[:5], str(k[5]), f"{v:.2f}"] for k, v in ratios.items()]
-        )
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The model card's table: one row per configuration, frames/s, per-stage ms and the full/one ratio."""
-    ratios = full_to_one(rows)
-    header = [*KEY_HEADER[:3], "objects", "memory", "frames/s", "ms/frame", *STAGES, "other", "full/one"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        if "error" in r:
-            continue
-        key = _key(r)
-        stages = r.get("profile_ms_per_frame", {})
-        ratio = ratios.get((*key[:5], r["frames"])) if r.get("memory") == "full" else None
-        cells = [*key[:3], key[4], key[5], f"{r['fps']:.1f}", f"{r['ms_per_frame']:.1f}"]
-        cells += [f"{stages[s]:.1f}" if s in stages else "-" for s in (*STAGES, "other")]
-        cells.append(f"{ratio:.2f}" if ratio is not None else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _print_rows(header: list[str], table: list[list[str]]) -> None:
-    full = [row for row in table if len(row) == len(header)]  # failed rows end in one long message
-    widths = [max([len(h)] + [len(row[i]) for row in full]) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in table:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)) + "".join(f"  {c}" for c in row[len(widths) :]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run_configuration(cfg)
         rows.append(row)
         done = f"{row['fps']:.2f} frames/s, weights: {row['weights']}" if "error" not in row else row["error"]
-        print(f"  {' '.join(_key(cfg))} {cfg['frames']} frames: {done}", flush=True)
+        print(f"  {' '.join(row_key(cfg))} {cfg['frames']} frames: {done}", flush=True)
     print()
     print_table(rows, args.profile)
     if args.json is not None:

@@ -9,7 +9,7 @@ copy-paste objects from other held-out stills that travel, leave the crop and co
 synthetic: the clips measure following an unseen object through large jumps, not real video. Clip ``i`` depends
 only on ``--seed`` and ``i``, so the same command writes the same clips on every machine.
 
-    python -m scripts.heldout_clips ../shared/data/kvasir_seg heldout/kvasir_seg --clips 60 --frames 20
+    python -m scripts.tools.heldout_clips ../shared/data/kvasir_seg heldout/kvasir_seg --clips 60 --frames 20
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from scripts.flags import as_bool
 from scripts.outputs import staged_output
 from scripts.static_clips import HELD_OUT_EVERY, StaticClipDataset, list_static_images
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def heldout_dataset(
@@ -71,7 +71,8 @@ def write_heldout_clips(
         "modality": "synthetic motion over held-out still images",
         "synthetic": True,
         "classes": {"0": "background", **{str(k): f"object {k}" for k in range(1, max_objects + 1)}},
-        "source": f"scripts.heldout_clips over {image_dirs}: one still in {HELD_OUT_EVERY} (held out of training)",
+        "source": f"scripts.tools.heldout_clips over {image_dirs}: one still in {HELD_OUT_EVERY} (held out of "
+        "training)",
         "settings": {"clips": clips, "frames": frames, "size": size, "max_objects": max_objects, "seed": seed},
     }
     with staged_output(target, ("JPEGImages", "Annotations", "meta.json"), overwrite) as staging:

@@ -10,7 +10,7 @@ Label maps are resized with nearest neighbour and kept as PNG. Frames already at
 re-encoded. An existing output root must not hold ``JPEGImages/``, ``Annotations/`` or ``meta.json`` yet (nothing
 is overwritten).
 
-    python -m scripts.pack_data ../shared/data/vocalfolds packed/vocalfolds --short-side 320 --quality 85
+    python -m scripts.tools.pack_data ../shared/data/vocalfolds packed/vocalfolds --short-side 320 --quality 85
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from scripts.data import list_sequences, short_side_shape
+from scripts.davis import list_sequences
 from scripts.errors import InputError
+from scripts.inferer import short_side_shape
 from scripts.outputs import staged_output
 from scripts.static_clips import list_static_images
 

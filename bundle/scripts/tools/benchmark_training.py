@@ -6,7 +6,7 @@ random clips of the configured shape, so it isolates the network's cost from dat
 subprocesses so a peak-memory reading (the process's RSS high-water mark, or CUDA's peak allocation) is never the
 other variant's.
 
-    python -m scripts.benchmark_training [--variant lite full] [--iterations 10] [--threads 1] [--device cpu|cuda]
+    python -m scripts.tools.benchmark_training [--variant lite full] [--iterations 10] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer=torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
     )
-    step = TrainingStep(TemporalContrastiveLoss(0.1, 3, 8), contrastive_weight=0.1, use_contrastive=args.contrastive)
+    terms = {  # train.json's loss_terms
+        "seg_loss": {"loss": engine.loss_function, "weight": 1.0},
+        "contrastive_loss": {"loss": TemporalContrastiveLoss(0.1, 3, 8), "weight": 0.1},
+    }
+    step = TrainingStep(terms, use_contrastive=args.contrastive)
     batch = synthetic_batch(args.batch_size, args.num_frames, args.size, max_objects=2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("iterations", "warmup", "threads", "device", "batch_size", "num_frames", "size")
     ] + (["--contrastive"] if args.contrastive else [])
     for variant in args.variant:
-        cmd = [sys.executable, "-m", "scripts.benchmark_training", "--worker", "--variant", variant, *forwarded]
+        cmd = [sys.executable, "-m", "scripts.tools.benchmark_training", "--worker", "--variant", variant, *forwarded]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

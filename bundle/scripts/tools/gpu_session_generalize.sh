@@ -10,14 +10,14 @@
 #   3b. lite_avg: the shipped weights and lite_video's averaged half and half (session 5's CPU runs: an average kept
 #      most of the held-out gain of the static stage and most of the val accuracy of the shipped weights);
 #   4. evaluation of every result on the val splits, at full resolution, and on unseen-object clips made from the
-#      held-out fifth of Kvasir-SEG (scripts.heldout_clips; synthetic motion); fp16 weights back in $OUT, lite first.
+#      held-out fifth of Kvasir-SEG (scripts.tools.heldout_clips; synthetic motion); fp16 weights back in $OUT, lite first.
 # Which lite weights ship (decided before the run): among lite_video, lite_avg and lite_video_con, those that beat
 # the shipped weights on both val splits; of those, the best on the held-out clips. None: the shipped ones stay.
 # Expects, beside the working tree (carry both): .whl/ (monai, pytorch-ignite, nibabel, fire, termcolor and the
-# efficientnet-lite0/lite2 wheels for the GPU host's Python) and .devdata/ packed by scripts.pack_data:
-#   cd bundle && python -m scripts.pack_data ../../shared/data/cvc_clinicdb ../.devdata/cvc_clinicdb --short-side 288 --quality 80
-#   cd bundle && python -m scripts.pack_data ../../shared/data/vocalfolds ../.devdata/vocalfolds --short-side 288 --quality 80
-#   cd bundle && python -m scripts.pack_data ../../shared/data/kvasir_seg ../.devdata/kvasir_seg --short-side 224 --quality 75
+# efficientnet-lite0/lite2 wheels for the GPU host's Python) and .devdata/ packed by scripts.tools.pack_data:
+#   cd bundle && python -m scripts.tools.pack_data ../../shared/data/cvc_clinicdb ../.devdata/cvc_clinicdb --short-side 288 --quality 80
+#   cd bundle && python -m scripts.tools.pack_data ../../shared/data/vocalfolds ../.devdata/vocalfolds --short-side 288 --quality 80
+#   cd bundle && python -m scripts.tools.pack_data ../../shared/data/kvasir_seg ../.devdata/kvasir_seg --short-side 224 --quality 75
 # (session 5: .whl without the lite0 wheel, which only --pretrained true for lite needs; tracked tree 9.2 MB + .whl
 # 28.2 MB + .devdata 26.0 MB = 63.4 MB, under 64 MiB.)
 set -u
@@ -28,7 +28,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/bundle
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 HELDOUT=/tmp/heldout/kvasir_seg  # CPU work while the GPU trains; the same clips for every model
-python3 -m scripts.heldout_clips $DATA_DIR/kvasir_seg $HELDOUT --clips 60 --frames 20 --size 224 > "$OUT/heldout.log" 2>&1 &
+python3 -m scripts.tools.heldout_clips $DATA_DIR/kvasir_seg $HELDOUT --clips 60 --frames 20 --size 224 > "$OUT/heldout.log" 2>&1 &
 META=bundle/configs/metadata.json
 DATA=$DATA_DIR/cvc_clinicdb,$DATA_DIR/vocalfolds
 STATIC_CFG="['bundle/configs/train.json','bundle/configs/pretrain_static.json']"
@@ -63,7 +63,7 @@ python3 -c "import torch; a = torch.load('bundle/models/model.pt', map_location=
 evaluate() {  # name, variant, checkpoint, dataset root (the val split of a data root; every held-out clip)
     local ds split="--split val"; ds=$(basename "$4")
     [ "$4" = "$HELDOUT" ] && ds=heldout_kvasir split=""
-    timeout 120 python3 -m monai.bundle run evaluating --meta_file $META --config_file bundle/configs/evaluate.json \
+    timeout 120 python3 -m monai.bundle run evaluating --meta_file $META --config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json']" \
         --dataset_dir "$4" $split --ckpt_path "$3" --variant "$2" --output_dir "/tmp/eval/$1_$ds" \
         > "/tmp/eval_$1_$ds.log" 2>&1
 }
