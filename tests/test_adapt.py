@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, SAMPLE, SAMPLE_SEQUENCE
 from monai.bundle import ConfigParser
 from PIL import Image
-from test_cli import bundle_command, run_all, series, succeeded
+from test_cli import bundle_command, config_files, run_all, series, succeeded
 
 from scripts.adapt import TARGETS, TestTimeAdaptation
 from scripts.flags import check_flags
@@ -131,7 +131,7 @@ def test_an_object_too_small_for_clips_leaves_the_network_as_it_is(caplog: pytes
 )
 def test_bad_flag_values_end_with_one_error_line(config: str, overrides: dict, line: str) -> None:
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
+    parser.read_config(config_files(config))
     parser.update({**overrides, "runtime": "onnxruntime"} if "quantized" in overrides else overrides)
     flags = parser.get_parsed_content("flags")
     if "quantized" in overrides:  # only the adaptation's check: the calibration file and engine are not the point here

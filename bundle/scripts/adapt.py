@@ -29,7 +29,6 @@ from torch import nn
 
 from scripts.data import short_side_shape
 from scripts.errors import InputError
-from scripts.losses import TemporalContrastiveLoss
 from scripts.network import TCMN
 from scripts.runtime import RuntimeNetwork
 from scripts.static_clips import StaticClipDataset, StaticImage
@@ -196,7 +195,9 @@ class TestTimeAdaptation:
             seed=self.seed,
         )
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
-        step = TrainingStep(TemporalContrastiveLoss(), use_contrastive=False, max_objects=stage["max_objects"])
+        # the declared loss terms of training; the contrastive one reads memory values adaptation does not keep
+        terms = stage.get_parsed_content("loss_terms")
+        step = TrainingStep(terms, use_contrastive=False, max_objects=stage["max_objects"])
         trainer = SupervisedTrainer(
             device=device,
             max_epochs=1,

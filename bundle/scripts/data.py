@@ -259,7 +259,8 @@ class ClipDataset(torch.utils.data.Dataset):
             raise IndexError(f"clip index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, index])
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
-        storage_seed = int(rng.integers(2**31))
+        # drawn only when used, so clips without storage transforms are those drawn before they existed
+        storage_seed = int(rng.integers(2**31)) if self.storage_transforms is not None else 0
         for _ in range(CLIP_TRIES):
             sequences = self.by_dataset[self.datasets[rng.integers(len(self.datasets))]]
             seq = sequences[rng.integers(len(sequences))]

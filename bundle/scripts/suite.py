@@ -104,6 +104,8 @@ STORED_SETS = {f"{base}@{kind}": (base, kind) for base in VAL_SETS for kind in S
 SETS = (*VAL_SETS, *DAVIS_SETS, *HELDOUT_SETS, *STORED_SETS)
 MEDICAL = ("cvc_val", "vocalfolds_val", "kvasir_heldout", "hc18_heldout")
 SUITE_FLAGS = ("dataset_dir", "output_dir", "split", "split_file", "ckpt_path", "overwrite", "method")
+# the evaluation job's config: evaluate.json is a layer over inference.json
+EVALUATE_CONFIGS = [str(CONFIGS / name) for name in ("inference.json", "evaluate.json")]
 OUTPUTS = ("suite.json", "suite.md", "suite_split.json", "eval", "eval.log")
 BASELINE_OUTPUTS = ("eval_baseline", "eval_baseline.log")
 
@@ -349,7 +351,7 @@ def run_evaluation(
         "--meta_file",
         str(CONFIGS / "metadata.json"),
         "--config_file",
-        str(CONFIGS / "evaluate.json"),
+        repr(EVALUATE_CONFIGS),
         "--dataset_dir",
         ",".join(str(s.root.absolute()) for s in sets),
         "--output_dir",
@@ -587,13 +589,14 @@ def _eval_args(parser: argparse.ArgumentParser, flag: str, text: str | Sequence[
         tokens = shlex.split(text) if isinstance(text, str) else list(text)
     except ValueError as err:
         parser.error(f"--{flag} {text!r}: {err}")
-    config = ConfigParser(ConfigParser.load_config_file(str(CONFIGS / "evaluate.json")))
+    config = ConfigParser(ConfigParser.load_config_files(EVALUATE_CONFIGS))
+    known = {**config["evaluate_flags"], **config["model_flags"]}
     line = read_command_line(["evaluating", *tokens])
     names = [*line.overrides, *(n for n in line.options if n != "run_id")]
     own = [n for n in names if n in SUITE_FLAGS or n in ("meta_file", "config_file", "args_file")]
     if own:
         parser.error(f"--{flag}: {', '.join('--' + n for n in own)} is set by the suite")
-    unknown = [n for n in line.overrides if n not in config["flags"] and not _in_config(config, n)]
+    unknown = [n for n in line.overrides if n not in known and not _in_config(config, n)]
     if unknown:
         named = ", ".join(f"--{n}" for n in unknown)
         parser.error(f"--{flag}: {named}: not an evaluation flag (--help of evaluating lists them)")
