@@ -1,4 +1,4 @@
-"""The evaluation suite (`scripts.suite`): bootstrap intervals, the shipping rule, stored-video sets, the command."""
+"""The evaluation suite (`scripts.tools.suite`): bootstrap intervals, the shipping rule, stored-video sets, the command."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.suite import (
+from scripts.tools.suite import (
     STORAGE,
     SuiteSet,
     bootstrap_means,

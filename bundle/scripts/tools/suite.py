@@ -6,11 +6,11 @@ suite adds DAVIS 2016 val (natural video), clips made from the held-out fifth of
 training stage saw), and the cvc and vocalfolds val clips stored as clinics store video (MPEG-4 part 2 AVI, low-bitrate
 H.264 MP4, JPEG quality 30, greyscale), and says per set how sure each number is.
 
-    python -m scripts.suite --ckpt_path FILE [--compare BASELINE] --output_dir DIR [--sets cvc_val,…]
+    python -m scripts.tools.suite --ckpt_path FILE [--compare BASELINE] --output_dir DIR [--sets cvc_val,…]
         [--data_root ../shared/data] [--cache_dir DIR] [--eval_args "--adapt_steps 5"] [--overwrite true]
 
 Sets (``SETS``): ``cvc_val`` and ``vocalfolds_val`` (the ``val`` entries of ``--split_file``), ``davis_val`` (the
-``val`` list of ``davis2016/meta.json``), ``kvasir_heldout`` and ``hc18_heldout`` (``scripts.heldout_clips`` over the
+``val`` list of ``davis2016/meta.json``), ``kvasir_heldout`` and ``hc18_heldout`` (``scripts.tools.heldout_clips`` over the
 held-out stills, with its defaults: 60 clips of 20 frames, 320², seed 0), and ``<cvc_val|vocalfolds_val>@<storage>``
 for each storage of ``STORAGE``: every val sequence encoded with PyAV (the real codecs) and decoded back to PNG frames
 (JPEG frames for ``jpeg30``, greyscale PNG for ``grey``), annotations copied. Generated sets are written once into
@@ -67,7 +67,7 @@ from scripts.flags import as_bool
 from scripts.outputs import prepare_output_dir, staged_output
 from scripts.static_clips import HELD_OUT_EVERY
 
-BUNDLE = Path(__file__).resolve().parents[1]
+BUNDLE = Path(__file__).resolve().parents[2]
 CONFIGS = BUNDLE / "configs"
 CACHE_VERSION = 1  # bump when a generated set's content changes for the same settings
 LEVEL = 0.95
@@ -299,7 +299,7 @@ def prepare_sets(names: Sequence[str], data_root: Path, cache_dir: Path, split_f
             if not (source / "images").is_dir():
                 skipped[name] = f"{source}: no image/mask folder there"
                 continue
-            from scripts.heldout_clips import write_heldout_clips  # MONAI transforms: only when needed
+            from scripts.tools.heldout_clips import write_heldout_clips  # MONAI transforms: only when needed
 
             stills = sorted(p.name for p in (source / "images").iterdir())
             settings = {"source": str(source.resolve()), "stills": stills, **HELDOUT_SETTINGS}
@@ -528,7 +528,7 @@ def _positive(value: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m scripts.suite", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m scripts.tools.suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", type=Path, default=BUNDLE / "models" / "model.pt", help="the weights scored")
     parser.add_argument(
         "--compare",
@@ -687,7 +687,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             if missing:
                 raise InputError(f"--compare {args.compare}: the earlier suite did not score {', '.join(missing)}")
         report = {
-            "command": shlex.join(["python", "-m", "scripts.suite", *argv]),
+            "command": shlex.join(["python", "-m", "scripts.tools.suite", *argv]),
             "settings": {
                 "level": LEVEL,
                 "resamples": args.resamples,
