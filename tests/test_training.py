@@ -516,6 +516,7 @@ def test_ddp_ranks_stay_in_step(data: SimpleNamespace, tmp_path: Path) -> None:
         "checkpoint_final.pt",
         "checkpoint_iteration=2.pt",  # n_saved=1: the interval checkpoint of iteration 1 was replaced
         "model_best.pt",
+        "model_ema.pt",
     ]
     rank1_dir = out / "checkpoints_rank1"
     assert not rank1_dir.exists() or not any(rank1_dir.iterdir()), "rank 1 wrote checkpoints"

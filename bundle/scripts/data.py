@@ -150,11 +150,12 @@ def clip_transforms(crop_size: int) -> Compose:
     )
 
 
-def store(storage_transforms: Compose | None, image: torch.Tensor, seed: int) -> torch.Tensor:
-    """The finished clip (T×3×H×W in [0, 1]) through ``storage_transforms`` seeded with ``seed`` (both datasets)."""
+def store(storage_transforms: Compose | None, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The finished clip (T×3×H×W in [0, 1]) through ``storage_transforms`` (both datasets), seeded from the item's
+    ``rng`` after every other draw, so a clip is the same clip with or without them, only stored differently."""
     if storage_transforms is None:
         return image
-    storage_transforms.set_random_state(seed=seed)
+    storage_transforms.set_random_state(seed=int(rng.integers(2**31)))
     return convert_to_tensor(storage_transforms({"image": image})["image"], track_meta=False).float().clamp(0, 1)
 
 
@@ -259,8 +260,6 @@ class ClipDataset(torch.utils.data.Dataset):
             raise IndexError(f"clip index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, index])
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
-        # drawn only when used, so clips without storage transforms are those drawn before they existed
-        storage_seed = int(rng.integers(2**31)) if self.storage_transforms is not None else 0
         for _ in range(CLIP_TRIES):
             sequences = self.by_dataset[self.datasets[rng.integers(len(self.datasets))]]
             seq = sequences[rng.integers(len(sequences))]
@@ -282,7 +281,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 size = image.shape[-2:]
                 image = image.reshape(t, 3, *size).clamp_(0, 1)
                 return {
-                    "image": store(self.storage_transforms, image, storage_seed),
+                    "image": store(self.storage_transforms, image, rng),
                     "label": label.reshape(t, 1, *size),
                     "frame_index": torch.as_tensor(indices, dtype=torch.int64),
                     "num_objects": num_objects,

@@ -299,8 +299,6 @@ class StaticClipDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         self.clip_transforms.set_random_state(seed=int(rng.integers(2**31)))
         self.frame_transforms.set_random_state(seed=int(rng.integers(2**31)))
-        # drawn only when used, so clips without storage transforms are those drawn before they existed
-        storage_seed = int(rng.integers(2**31)) if self.storage_transforms is not None else 0
         for _ in range(CLIP_TRIES):
             still = self._draw(rng)
             image, label = self._load(still)
@@ -329,7 +327,7 @@ class StaticClipDataset(torch.utils.data.Dataset):
                 continue
             chosen = rng.permutation(objects)[: self.max_objects]
             return {
-                "image": store(self.storage_transforms, torch.stack(frames), storage_seed),
+                "image": store(self.storage_transforms, torch.stack(frames), rng),
                 "label": remap_objects(label, chosen),
                 "frame_index": torch.arange(self.num_frames, dtype=torch.int64),
                 "num_objects": len(chosen),
