@@ -23,6 +23,7 @@ from scripts.data import (
     list_sequences,
     load_split,
 )
+from scripts.errors import InputError
 
 H, W, FRAMES = 48, 64, 6
 
@@ -234,3 +235,24 @@ def test_pack_data_shrinks_frames_keeps_labels_and_never_overwrites(davis: tuple
     with pytest.raises(SystemExit, match="already holds results"):
         main([str(davis[0]), str(target)])
     assert sorted(p.stat().st_mtime_ns for p in target.rglob("*")) == before
+
+
+def test_training_decodes_frames_through_the_readers(tmp_path: Path) -> None:
+    """Training reads frames with `readers.read_rgb`, as inference does: grey frames become RGB, a corrupt one is
+    named in one `InputError`."""
+    images, masks = tmp_path / "d" / "JPEGImages" / "s", tmp_path / "d" / "Annotations" / "s"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for t in range(3):
+        Image.fromarray(np.full((32, 32), 40 * t, np.uint8)).save(images / f"{t:05d}.png")  # grey PNG frames
+        label = np.zeros((32, 32), np.uint8)
+        label[8:24, 8:24] = 1
+        Image.fromarray(label).save(masks / f"{t:05d}.png")
+    (seq,) = list_sequences(tmp_path / "d")
+    clip = ClipDataset([seq], num_frames=2, crop_size=32, cache=False)[0]
+    assert clip["image"].shape == (2, 3, 32, 32)
+    assert torch.equal(clip["image"][:, 0], clip["image"][:, 2])
+    (images / "00001.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="00001.png: unreadable image"):
+        for i in range(20):
+            ClipDataset([seq], num_frames=3, crop_size=32, cache=False)[i]

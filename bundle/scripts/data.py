@@ -32,13 +32,12 @@ from monai.transforms import (
     Randomizable,
 )
 from monai.utils import convert_to_tensor, ensure_tuple_rep
-from PIL import Image
 
 from scripts.annotations import read_label_map
 from scripts.davis import DEFAULT_SPLIT_FILE, SPLITS, Sequence, list_sequences, load_split  # noqa: F401 (re-exported)
 from scripts.errors import InputError
 from scripts.inferer import short_side_shape
-from scripts.readers import FRAME_SUFFIXES  # noqa: F401 (re-exported: static_clips)
+from scripts.readers import FRAME_SUFFIXES, read_rgb  # noqa: F401 (FRAME_SUFFIXES re-exported: static_clips)
 
 __all__ = [
     "DEFAULT_SPLIT_FILE",
@@ -221,8 +220,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if label:
             array = read_label_map(path)
         else:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
+            array = read_rgb(path)
         if self.cache is not None:
             self.cache[path] = array
         return array

@@ -165,6 +165,15 @@ def _to_uint8(values: np.ndarray, window: tuple[float, float] | None) -> np.ndar
     return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """One frame image (JPEG/PNG, grey, palette or RGB) as H×W×3 uint8: how every job and training decode a frame."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except READ_ERRORS as err:
+        raise InputError(f"{path}: unreadable image ({err})") from err
+
+
 class FrameFolderSource(VideoSource):
     """A folder of frame images in name order (works on DAVIS ``JPEGImages/<seq>/``)."""
 
@@ -190,11 +199,7 @@ class FrameFolderSource(VideoSource):
             raise InputError(f"{file}: unreadable image ({err})") from err
 
     def _read(self, t: int) -> np.ndarray:
-        try:
-            with Image.open(self.files[t]) as image:
-                return np.asarray(image.convert("RGB"))
-        except READ_ERRORS as err:
-            raise InputError(f"{self.files[t]}: unreadable image ({err})") from err
+        return read_rgb(self.files[t])
 
 
 class NiftiSeries:

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, RandomizableTransform
 from monai.utils import convert_to_tensor
-from PIL import Image
 
 from scripts.annotations import read_label_map
 from scripts.data import CLIP_TRIES, FRAME_SUFFIXES, list_sequences, remap_objects, short_side_shape, store
 from scripts.errors import InputError
+from scripts.readers import read_rgb
 
 __all__ = [
     "RandHueShiftd",
@@ -231,8 +231,7 @@ class StaticClipDataset(torch.utils.data.Dataset):
         """3×H×W float image in [0, 1] and 1×H×W float labels, short side ``load_size``."""
         if self.cache is not None and still.image in self.cache:
             return self.cache[still.image]
-        with Image.open(still.image) as im:
-            rgb = np.array(im.convert("RGB"))
+        rgb = read_rgb(still.image)
         labels = read_label_map(still.mask)
         if labels.shape != rgb.shape[:2]:
             raise InputError(f"{still.mask}: mask is {labels.shape} but {still.image} is {rgb.shape[:2]}")

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.metrics import Metric
-from PIL import Image
 
 from scripts.annotations import read_label_map
 from scripts.davis import Sequence
 from scripts.inferer import short_side_shape
 from scripts.metrics import SequenceScorer, objects_of
+from scripts.readers import read_rgb
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -33,7 +33,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         seq = self.sequences[index]
-        image = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in seq.frames]))
+        image = torch.from_numpy(np.stack([read_rgb(p) for p in seq.frames]))
         label = torch.from_numpy(np.stack([read_label_map(p) for p in seq.masks]).astype(np.int64))
         image = image.permute(3, 0, 1, 2).float() / 255  # 3×T×H×W
         label = label[None]  # 1×T×H×W
