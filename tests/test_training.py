@@ -106,18 +106,24 @@ def workflow(settings: dict, config_file: list[str] | str = str(TRAIN)) -> Confi
     return wf
 
 
-def test_a_few_steps_on_a_fixed_clip_reduce_the_loss(data: SimpleNamespace) -> None:
-    """The training iteration (propagation, DiceCE + contrastive, backward, step) must be able to fit one clip."""
+def fixed_clip(
+    data: SimpleNamespace, optimizer: type[torch.optim.Optimizer], lr: float
+) -> tuple[SimpleNamespace, dict]:
+    """A stand-in for the trainer (what `TrainingStep` reads of it) over a fresh lite network, and one 3-frame clip."""
     torch.manual_seed(0)
     clips = ClipDataset(list_sequences(data.root, "train", data.split), num_frames=3, max_gap=2, crop_size=64)
-    batch = default_collate([clips[0]])
     network = TCMN("lite", pretrained=False, freeze_stride4=True)
     engine = SimpleNamespace(
         state=SimpleNamespace(device=torch.device("cpu")),
         network=ClipPropagation(network),
-        optimizer=torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-3),
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        optimizer=optimizer([p for p in network.parameters() if p.requires_grad], lr=lr),
     )
+    return engine, default_collate([clips[0]])
+
+
+def test_a_few_steps_on_a_fixed_clip_reduce_the_loss(data: SimpleNamespace) -> None:
+    """The training iteration (propagation, DiceCE + contrastive, backward, step) must be able to fit one clip."""
+    engine, batch = fixed_clip(data, torch.optim.Adam, 1e-3)
     terms = {
         "seg_loss": {"loss": DiceCELoss(to_onehot_y=True, softmax=True), "weight": 1.0},
         "contrastive_loss": {"loss": TemporalContrastiveLoss(pos_gap=1, neg_gap=2), "weight": 0.1},
@@ -132,15 +138,7 @@ def test_a_few_steps_on_a_fixed_clip_reduce_the_loss(data: SimpleNamespace) -> N
 
 def test_the_declared_loss_terms_are_summed_logged_and_averaged(data: SimpleNamespace) -> None:
     """A term added to `loss_terms` is in every step's output and gets its epoch metric, with no code naming it."""
-    torch.manual_seed(0)
-    clips = ClipDataset(list_sequences(data.root, "train", data.split), num_frames=3, max_gap=2, crop_size=64)
-    batch = default_collate([clips[0]])
-    network = TCMN("lite", pretrained=False, freeze_stride4=True)
-    engine = SimpleNamespace(
-        state=SimpleNamespace(device=torch.device("cpu")),
-        network=ClipPropagation(network),
-        optimizer=torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.0),
-    )
+    engine, batch = fixed_clip(data, torch.optim.SGD, 0.0)
     terms = {
         "seg_loss": {"loss": DiceCELoss(to_onehot_y=True, softmax=True), "weight": 1.0},
         "dice": {"loss": DiceLoss(to_onehot_y=True, softmax=True), "weight": 0.5},
