@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 import itk
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.outputs import write_nifti_series
 from scripts.overlay import write_video
 from scripts.synthetic import SyntheticEchoSource
 
@@ -22,6 +22,20 @@ SAMPLE = REPO / "bundle" / "sample" / "vocalfolds"
 SAMPLE_SEQUENCE = "patient2_seq7"
 # a non-trivial geometry, so tests see it survive round trips (values exact in float32)
 AFFINE = np.array([[0.5, 0.0, 0.0, -12.0], [0.0, 0.25, 0.0, 30.5], [0.0, 0.0, 2.0, 4.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def write_nifti_series(
+    path: Path, frames: np.ndarray, affine: np.ndarray | None = None, fps: float | None = None
+) -> Path:
+    """Write ``T×H×W`` frames as a NIfTI series ``W×H×1×T`` with ``affine`` and ``pixdim[4] = 1 / fps`` seconds
+    (the readers' axis convention): test inputs in the layout of the NIfTI a user or a scanner gives."""
+    image = nib.Nifti1Image(
+        np.asarray(frames).transpose(2, 1, 0)[:, :, None, :], np.eye(4) if affine is None else affine
+    )
+    image.header.set_xyzt_units("mm", "sec" if fps else "unknown")
+    image.header.set_zooms(image.header.get_zooms()[:3] + (1.0 / fps if fps else 1.0,))
+    nib.save(image, str(path))
+    return Path(path)
 
 
 @pytest.fixture(scope="session")

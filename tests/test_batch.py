@@ -29,8 +29,8 @@ from scripts.baselines import CopyFirstFrame
 from scripts.batch import REPORT, BatchPrediction, read_datalist
 from scripts.distributed import share
 from scripts.errors import InputError
-from scripts.outputs import LOCK_NAME, STAGING_PREFIX
 from scripts.predict import Prediction
+from scripts.staging import LOCK_NAME, STAGING_PREFIX
 from scripts.synthetic import SyntheticEchoSource
 
 FRAMES, HEIGHT, WIDTH = 6, 48, 64

@@ -1,5 +1,5 @@
 """One job at a time per output folder, ranks that end with their launcher, and staging that killed jobs left behind
-(scripts.outputs `output_lock` and `remove_stale_staging`, scripts.distributed `die_with_launcher`).
+(scripts.staging `output_lock` and `remove_stale_staging`, scripts.distributed `die_with_launcher`).
 
 The unmarked tests run jobs in-process against a lock held through another open file (flock locks belong to an open
 file, so this is a second holder even within one process) and staging folders named after ended and running
@@ -28,8 +28,8 @@ from scripts.baselines import CopyFirstFrame
 from scripts.batch import REPORT, BatchPrediction
 from scripts.errors import InputError
 from scripts.evaluate import Evaluation
-from scripts.outputs import LOCK_NAME, STAGING_PREFIX, output_lock, remove_stale_staging, staged_output
 from scripts.predict import Prediction
+from scripts.staging import LOCK_NAME, STAGING_PREFIX, output_lock, remove_stale_staging, staged_output
 from scripts.synthetic import write_echo_dataset
 
 

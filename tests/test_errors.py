@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_nifti_series
 from PIL import Image
 from test_cli import TRUSTED_CONFIGS, bundle_command, run_all
 
 from scripts.errors import DEBUG_ENV, INTERRUPTED_DEFAULT, input_error_behind
 from scripts.flags import job_and_debug
-from scripts.outputs import STAGING_PREFIX, write_nifti_series
+from scripts.staging import STAGING_PREFIX
 
 
 def one_error_line(result: subprocess.CompletedProcess, *phrases: str) -> None:

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import AFFINE, REPO
+from conftest import AFFINE, REPO, write_nifti_series
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -30,7 +30,6 @@ from scripts.errors import InputError
 from scripts.inferer import ModelPropagator, PropagationInferer
 from scripts.memory import MemoryBank
 from scripts.network import TCMN
-from scripts.outputs import write_nifti_series
 from scripts.overlay import VIDEO_ROUND_TRIP_MAE, write_video
 from scripts.predict import Prediction
 from scripts.readers import NiftiSource, VideoSource, open_video, pixel_info

@@ -13,15 +13,16 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import AFFINE, SAMPLE_SEQUENCE
+from conftest import AFFINE, SAMPLE_SEQUENCE, write_nifti_series
 from PIL import Image
 
 from scripts.annotations import read_annotations, read_label_map, read_label_series
 from scripts.data import ClipDataset, list_sequences
 from scripts.errors import InputError
-from scripts.outputs import LabelSeriesWriter, staged_output, write_nifti_series, write_png_labels
+from scripts.outputs import LabelSeriesWriter, write_png_labels
 from scripts.overlay import PALETTE, VIDEO_ROUND_TRIP_MAE, write_overlay, write_video
 from scripts.readers import open_video
+from scripts.staging import staged_output
 from scripts.validation import SequenceDataset
 
 

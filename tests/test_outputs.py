@@ -1,6 +1,6 @@
-"""Never lose a user's data (scripts.outputs, scripts.predict): only the job's own outputs are refused or replaced,
-every argument and the free space are checked before propagation, a write that fails (full disk, file-size limit)
-ends with a one-line error and no leftovers, and what is written follows the user's umask."""
+"""Never lose a user's data (scripts.staging, scripts.outputs, scripts.predict): only the job's own outputs are
+refused or replaced, every argument and the free space are checked before propagation, a write that fails (full disk,
+file-size limit) ends with a one-line error and no leftovers, and what is written follows the user's umask."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ import pytest
 from PIL import Image
 
 import scripts.outputs
+import scripts.staging
 from scripts.baselines import CopyFirstFrame
 from scripts.errors import InputError
-from scripts.outputs import LabelSeriesWriter, allocated_memmap, staged_output
+from scripts.outputs import LabelSeriesWriter, allocated_memmap
 from scripts.predict import Prediction
 from scripts.readers import open_video
+from scripts.staging import staged_output
 from scripts.synthetic import write_echo_dataset
 
 
@@ -112,7 +114,7 @@ def test_a_failed_hand_over_puts_the_earlier_results_back(tmp_path: Path, monkey
             raise OSError(28, "No space left on device", str(src))
         rename(src, dst)
 
-    monkeypatch.setattr(scripts.outputs.os, "rename", failing_rename)
+    monkeypatch.setattr(scripts.staging.os, "rename", failing_rename)
     with pytest.raises(InputError, match=f"{out / 'labels'}: cannot write the results: No space left on device"):
         stage(out, overwrite=True)
     assert contents(out) == before
@@ -189,7 +191,7 @@ def test_not_enough_space_is_refused_before_propagation(
     clip_files: dict[str, Path], mask: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(scripts.outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    monkeypatch.setattr(scripts.staging.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
     out = tmp_path / "new" / "out"
     job = Prediction(str(clip_files["nifti"]), str(mask), NeverCalled(), str(out), save_png=True, save_overlay=True)
     with pytest.raises(InputError) as error:
@@ -270,7 +272,7 @@ def test_a_full_disk_while_writing_ends_with_the_path_and_the_cause(
     the compressed label buffer and the NIfTI do not fit together: one line naming the output and the cause,
     nothing left on the mount."""
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(scripts.outputs.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    monkeypatch.setattr(scripts.staging.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
     out = tmpfs("full", "4k")
     job = Prediction(str(clip_files["nifti"]), str(mask), CopyFirstFrame(), str(out))
     with pytest.raises(InputError) as error:

@@ -1,4 +1,5 @@
-"""The evaluation suite (`scripts.tools.suite`): bootstrap intervals, the shipping rule, stored-video sets, the command."""
+"""The evaluation suite (`scripts.tools.suite`, `suite_sets`, `suite_stats`): bootstrap intervals, the shipping rule,
+stored-video sets, the command."""
 
 from __future__ import annotations
 
@@ -9,19 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.tools.suite import (
-    STORAGE,
-    SuiteSet,
-    bootstrap_means,
-    estimate,
-    interval,
-    main,
-    parse_args,
-    prepare_sets,
-    shipping_verdict,
-    summarise,
-    write_stored_set,
-)
+from scripts.tools.suite import main, parse_args
+from scripts.tools.suite_sets import STORAGE, SuiteSet, prepare_sets, write_stored_set
+from scripts.tools.suite_stats import bootstrap_means, estimate, interval, shipping_verdict, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "bundle" / "models" / "model.pt"

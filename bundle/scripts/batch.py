@@ -24,9 +24,9 @@ from scripts.davis import annotation_files, frame_files, sequence_folders
 from scripts.distributed import gather, job_lock, rank_and_size, share
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
-from scripts.outputs import output_lock, remove_stale_staging, staged_output
 from scripts.predict import Prediction, video_name
 from scripts.readers import NiftiSeries
+from scripts.staging import output_lock, remove_stale_staging, staged_output
 
 REPORT = "batch_report.json"
 DATALIST_KEY = "testing"

@@ -25,7 +25,7 @@ from monai.data import partition_dataset
 
 from scripts.errors import InputError
 from scripts.evaluate import OUTPUTS, Evaluation
-from scripts.outputs import output_lock, prepare_output_dir
+from scripts.staging import output_lock, prepare_output_dir
 
 T = TypeVar("T")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -41,7 +41,7 @@ def die_with_launcher() -> None:
     the rank the moment its parent, torchrun's agent, exits. It was chosen over a watchdog thread polling the parent
     pid because the kernel delivers it at once, even while the rank holds the GIL in a long native call, with
     nothing to poll. The signal is SIGKILL: nothing waits for the rank's results any more, and what a killed job
-    leaves (its staging folder, the lock file) the next job there clears (`scripts.outputs`). On other systems this
+    leaves (its staging folder, the lock file) the next job there clears (`scripts.staging`). On other systems this
     does nothing (torchrun jobs run on Linux here).
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):

@@ -31,8 +31,9 @@ from scripts.davis import Sequence, list_sequences
 from scripts.errors import InputError
 from scripts.flags import as_bool
 from scripts.metrics import SCORES, SequenceScorer, aggregate, objects_of
-from scripts.outputs import prepare_output_dir, staged_output, write_png_labels
+from scripts.outputs import write_png_labels
 from scripts.readers import open_video
+from scripts.staging import prepare_output_dir, staged_output
 
 METHODS = ("model", "copy", "flow")
 OUTPUTS = ("metrics.json", "per_sequence.csv", "jf.png", "pred")  # all an evaluation writes into its output folder

@@ -29,9 +29,10 @@ from scripts.dicom_seg import (
 )
 from scripts.errors import InputError
 from scripts.flags import as_bool, as_list
-from scripts.outputs import OVERWRITE_HINT, LabelSeriesWriter, prepare_output_dir, staged_output, write_png_labels
+from scripts.outputs import LabelSeriesWriter, write_png_labels
 from scripts.overlay import write_overlay
 from scripts.readers import VideoInfo, open_video, video_stem
+from scripts.staging import OVERWRITE_HINT, prepare_output_dir, staged_output
 
 OVERLAY_FORMATS = ("mp4", "gif")
 _BLOCK = 4096  # a small file still takes a filesystem block

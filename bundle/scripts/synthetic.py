@@ -18,8 +18,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from scripts.outputs import staged_output, write_png_labels
+from scripts.outputs import write_png_labels
 from scripts.readers import VideoSource, pixel_info
+from scripts.staging import staged_output
 
 CAVITY, MYOCARDIUM = 1, 2
 FAN_HALF_ANGLE = np.deg2rad(40.0)

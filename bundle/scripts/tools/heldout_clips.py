@@ -24,7 +24,7 @@ from PIL import Image
 
 from scripts.errors import InputError
 from scripts.flags import as_bool
-from scripts.outputs import staged_output
+from scripts.staging import staged_output
 from scripts.static_clips import HELD_OUT_EVERY, StaticClipDataset, list_static_images
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -24,7 +24,7 @@ from PIL import Image
 from scripts.davis import list_sequences
 from scripts.errors import InputError
 from scripts.inferer import short_side_shape
-from scripts.outputs import staged_output
+from scripts.staging import staged_output
 from scripts.static_clips import list_static_images
 
 
