@@ -1,12 +1,36 @@
 """The VOS scores against hand-computed cases and against a slow, obviously correct re-implementation."""
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.metrics import aggregate, boundary_f, boundary_map, boundary_radius, region_j, score_sequence
+from scripts.metrics import (
+    SequenceScorer,
+    aggregate,
+    boundary_f,
+    boundary_map,
+    boundary_radius,
+    objects_of,
+    score_frame,
+)
+
+
+def region_j(pred: np.ndarray, gt: np.ndarray) -> float:
+    """J of two binary masks as evaluation scores it (one object through `score_frame`)."""
+    return score_frame((pred != 0).astype(np.uint8), (gt != 0).astype(np.uint8), [1], hd95=False)[1]["J"]
+
+
+def score_sequence(preds: list[np.ndarray], gts: list[np.ndarray], objects: list[int] | None = None) -> dict:
+    """A whole sequence through `SequenceScorer` as evaluation feeds it: frame 0 (the annotation) not scored, the
+    objects those of the first ground-truth frame unless given."""
+    scorer = SequenceScorer(objects if objects is not None else objects_of(gts[0]))
+    for t, (pred, gt) in enumerate(zip(preds, gts)):
+        scorer.append(t, pred, gt)
+    return scorer.aggregate()
 
 
 def square(shape=(10, 10), top=2, left=2, size=4) -> np.ndarray:

@@ -104,16 +104,6 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def region_j(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Region similarity J (IoU) of two binary H×W masks; 1 when both are empty."""
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
-    p = torch.from_numpy(np.asarray(pred) != 0).double()[None, None]
-    g = torch.from_numpy(np.asarray(gt) != 0).double()[None, None]
-    with _single_thread():
-        return float(_IOU(p, g)[0, 0])
-
-
 def score_frame(
     pred: np.ndarray, gt: np.ndarray, objects: Iterable[int], hd95: bool = True
 ) -> dict[int, dict[str, float]]:
@@ -136,8 +126,8 @@ def score_frame(
 class SequenceScorer:
     """Scores of one sequence, fed frame by frame: `reset` / `append` / `aggregate`, as MONAI's cumulative metrics.
 
-    The one per-object, per-frame scoring loop: evaluation, training-time validation and `score_sequence` all score
-    through it. Frames in `skip_frames` (the annotation given to the method, frame 0 by default) are not scored;
+    The one per-object, per-frame scoring loop: evaluation and training-time validation both score through it.
+    Frames in `skip_frames` (the annotation given to the method, frame 0 by default) are not scored;
     with `starts` (object → the frame that first annotates it) an object is scored only on the frames after its own.
     `hd95=False` leaves out HD95, the slow score, where only J&F is wanted (validation).
     """
@@ -177,24 +167,13 @@ class SequenceScorer:
         return {**_mean(objects.values()), "num_objects": len(objects), "objects": objects}
 
 
-def score_sequence(preds: list[np.ndarray], gts: list[np.ndarray], objects: list[int] | None = None) -> dict:
-    """Scores of a predicted sequence against its ground truth, per frame and per object; frame 0 (the annotation) is
-    not scored. ``objects`` defaults to the labels present in the first ground-truth frame."""
-    if len(preds) != len(gts):
-        raise ValueError(f"{len(preds)} predicted frames for {len(gts)} ground-truth frames")
-    scorer = SequenceScorer(objects if objects is not None else objects_of(gts[0]))
-    for t, (pred, gt) in enumerate(zip(preds, gts)):
-        scorer.append(t, pred, gt)
-    return scorer.aggregate()
-
-
 def objects_of(labels: np.ndarray) -> list[int]:
     """The object labels (non-zero values) of a label map."""
     return [int(k) for k in np.unique(labels) if k != 0]
 
 
 def aggregate(per_sequence: dict) -> dict:
-    """Dataset scores from ``{sequence: score_sequence(...)}``: the mean over all objects of all sequences."""
+    """Dataset scores from ``{sequence: SequenceScorer.aggregate()}``: the mean over all objects of all sequences."""
     objects = [o for s in per_sequence.values() for o in s["objects"].values()]
     return {**_mean(objects), "num_sequences": len(per_sequence), "num_objects": len(objects)}
 
