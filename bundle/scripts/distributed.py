@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,8 +22,7 @@ import torch.distributed as dist
 from monai.data import partition_dataset
 
 from scripts.errors import InputError
-from scripts.evaluate import OUTPUTS, Evaluation
-from scripts.staging import output_lock, prepare_output_dir
+from scripts.staging import output_lock
 
 T = TypeVar("T")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -103,52 +100,3 @@ def gather(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-class DistributedEvaluation(Evaluation):
-    """`Evaluation` with its sequences shared over the ranks; rank 0 writes the outputs of the whole set.
-
-    Each rank propagates and scores its share (its predictions kept in a private temporary folder); the scores
-    and predicted PNGs are gathered, and rank 0 then runs the single-process `Evaluation.run`, whose per-sequence
-    step hands back the gathered results in the original sequence order. The metrics are therefore those of a
-    single-process run: each sequence is scored alone, and the means are taken in the same order. Works across
-    nodes too (the predictions travel through the process group, not a shared folder). Every rank returns the
-    report.
-    """
-
-    def run(self) -> dict:
-        rank, world_size = rank_and_size()
-        if world_size == 1:
-            return super().run()
-        prepare_output_dir(self.output_dir, OUTPUTS, self.overwrite)  # every rank refuses alike, early
-        with job_lock(self.output_dir):
-            selected = self.select()
-            mine: dict[str, tuple[dict | str, dict[str, bytes]]] = {}
-            scratch = Path(tempfile.mkdtemp(prefix=".tcmn-eval-"))
-            try:
-                for seq in share(selected, rank, world_size):
-                    pred_dir = scratch / seq.dataset / seq.name
-                    try:
-                        result = super().evaluate_sequence(seq, pred_dir)
-                    except InputError as exc:  # a sequence that cannot be scored: rank 0's run reports it
-                        mine[seq.key] = (str(exc), {})
-                        continue
-                    mine[seq.key] = (result, {p.name: p.read_bytes() for p in sorted(pred_dir.iterdir())})
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            self._gathered = {key: value for part in gather(mine) for key, value in part.items()}
-            report = super().run() if rank == 0 else None
-            return gather(report)[0]
-
-    def evaluate_sequence(self, seq, pred_dir: Path) -> dict:
-        """Under a process group: the result a rank gathered, its predictions written into `pred_dir`."""
-        gathered = getattr(self, "_gathered", None)
-        if gathered is None:
-            return super().evaluate_sequence(seq, pred_dir)
-        result, pngs = gathered[seq.key]
-        if isinstance(result, str):
-            raise InputError(result)
-        pred_dir.mkdir(parents=True)
-        for name, data in pngs.items():
-            (pred_dir / name).write_bytes(data)
-        return result

@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from scripts.annotations import read_label_series
 from scripts.baselines import CopyFirstFrame, FarnebackFlow
 from scripts.davis import Sequence, list_sequences
+from scripts.distributed import gather, job_lock, rank_and_size, share
 from scripts.errors import InputError
 from scripts.flags import as_bool
 from scripts.metrics import SCORES, SequenceScorer, aggregate, objects_of
@@ -88,31 +90,49 @@ class Evaluation:
         else in the output folder is touched."""
         prepare_output_dir(self.output_dir, OUTPUTS, self.overwrite)  # refuse before any work is done
         selected = self.select()
-        multi = len(self.roots) > 1
         with staged_output(self.output_dir, OUTPUTS, self.overwrite) as staging:
-            results: dict[str, dict[str, dict]] = defaultdict(dict)
-            failed: dict[str, str] = {}
-            (staging / "pred").mkdir()
-            for seq in tqdm(selected, desc="evaluate", unit="seq", disable=not self.progress):
-                pred_dir = staging / "pred" / (f"{seq.dataset}/{seq.name}" if multi else seq.name)
-                try:
-                    results[seq.dataset][seq.name] = self.evaluate_sequence(seq, pred_dir)
-                except InputError as exc:  # one bad sequence is reported, the others are still scored
-                    shutil.rmtree(pred_dir, ignore_errors=True)
-                    failed[seq.key] = str(exc)
-                    print(f"warning: {seq.key}: not scored: {exc}", file=sys.stderr)
-            if not results:
-                raise InputError(f"no sequence could be scored: {'; '.join(failed.values())}")
-            report = self.report(results, failed)
-            (staging / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
-            _write_csv(staging / "per_sequence.csv", results)
-            _plot(staging / "jf.png", results, report["J&F"], multi)
+            outcomes = self.score(selected, staging / "pred")
+            report = self.write(staging, selected, outcomes)
+        self.announce(report, selected, outcomes)
+        return report
+
+    def pred_dir(self, pred_root: Path, seq: Sequence) -> Path:
+        """Where a sequence's predicted label maps go under ``pred_root`` (``dataset/name`` with several roots)."""
+        return pred_root / (f"{seq.dataset}/{seq.name}" if len(self.roots) > 1 else seq.name)
+
+    def score(self, sequences: list[Sequence], pred_root: Path) -> dict[str, dict | str]:
+        """Each sequence's scores (its predictions written under ``pred_root``), or why it could not be scored."""
+        pred_root.mkdir(parents=True, exist_ok=True)
+        outcomes: dict[str, dict | str] = {}
+        for seq in tqdm(sequences, desc="evaluate", unit="seq", disable=not self.progress):
+            pred_dir = self.pred_dir(pred_root, seq)
+            try:
+                outcomes[seq.key] = self.evaluate_sequence(seq, pred_dir)
+            except InputError as exc:  # one bad sequence is reported, the others are still scored
+                shutil.rmtree(pred_dir, ignore_errors=True)
+                outcomes[seq.key] = str(exc)
+                print(f"warning: {seq.key}: not scored: {exc}", file=sys.stderr)
+        return outcomes
+
+    def write(self, staging: Path, selected: list[Sequence], outcomes: dict[str, dict | str]) -> dict:
+        """Write the report files of ``outcomes`` (in ``selected`` order) into ``staging``, beside its ``pred``."""
+        results, failed = _split(selected, outcomes)
+        if not results:
+            raise InputError(f"no sequence could be scored: {'; '.join(failed.values())}")
+        report = self.report(results, failed)
+        (staging / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+        _write_csv(staging / "per_sequence.csv", results)
+        _plot(staging / "jf.png", results, report["J&F"], len(self.roots) > 1)
+        return report
+
+    def announce(self, report: dict, selected: list[Sequence], outcomes: dict[str, dict | str]) -> None:
+        """The console's summary once the outputs are in place."""
+        results, failed = _split(selected, outcomes)
         _print_table(report, results)
         if failed:
             print(f"not scored ({len(failed)}): " + "; ".join(f"{key}: {why}" for key, why in failed.items()))
         out = self.output_dir.absolute()
         print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}/ (predicted label maps)")
-        return report
 
     def select(self) -> list[Sequence]:
         """The sequences to evaluate, after split and name filtering."""
@@ -175,6 +195,65 @@ class Evaluation:
         if len(self.roots) == 1:
             return {**top, "sequences": next(iter(blocks.values()))["sequences"]}
         return {**top, "datasets": blocks}
+
+
+class DistributedEvaluation(Evaluation):
+    """`Evaluation` with its sequences shared over the ranks; rank 0 writes the outputs of the whole set.
+
+    Each rank propagates and scores its share (its predictions kept in a private temporary folder); the scores and
+    predicted PNGs are gathered, and rank 0 writes them as one process would: the metrics are those of a
+    single-process run, each sequence scored alone and the means taken in the same (selection) order. Works across
+    nodes too (the predictions travel through the process group, not a shared folder). Every rank returns the
+    report. Without a process group it is `Evaluation`.
+    """
+
+    def run(self) -> dict:
+        rank, world_size = rank_and_size()
+        if world_size == 1:
+            return super().run()
+        prepare_output_dir(self.output_dir, OUTPUTS, self.overwrite)  # every rank refuses alike, early
+        with job_lock(self.output_dir):
+            selected = self.select()
+            scratch = Path(tempfile.mkdtemp(prefix=".tcmn-eval-"))
+            try:
+                mine = self.score(share(selected, rank, world_size), scratch)
+                pngs = {
+                    seq.key: {p.name: p.read_bytes() for p in sorted(self.pred_dir(scratch, seq).iterdir())}
+                    for seq in selected
+                    if isinstance(mine.get(seq.key), dict)
+                }
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            outcomes, predictions = {}, {}
+            for part, part_pngs in gather((mine, pngs)):
+                outcomes.update(part)
+                predictions.update(part_pngs)
+            report = None
+            if rank == 0:
+                with staged_output(self.output_dir, OUTPUTS, self.overwrite) as staging:
+                    (staging / "pred").mkdir()
+                    for seq in selected:
+                        if seq.key in predictions:
+                            pred_dir = self.pred_dir(staging / "pred", seq)
+                            pred_dir.mkdir(parents=True)
+                            for name, data in predictions[seq.key].items():
+                                (pred_dir / name).write_bytes(data)
+                    report = self.write(staging, selected, outcomes)
+                self.announce(report, selected, outcomes)
+            return gather(report)[0]
+
+
+def _split(selected: list[Sequence], outcomes: dict[str, dict | str]) -> tuple[dict[str, dict[str, dict]], dict]:
+    """Scores by dataset and sequence, and the sequences not scored with why, both in ``selected`` order."""
+    results: dict[str, dict[str, dict]] = defaultdict(dict)
+    failed: dict[str, str] = {}
+    for seq in selected:
+        outcome = outcomes[seq.key]
+        if isinstance(outcome, str):
+            failed[seq.key] = outcome
+        else:
+            results[seq.dataset][seq.name] = outcome
+    return results, failed
 
 
 def first_frames(labels: np.ndarray) -> dict[int, int]:
