@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scripts.annotations import read_annotations
+from scripts.outputs import LabelSeriesWriter
 from scripts.overlay import write_video
+from scripts.readers import open_video
+from scripts.staging import staged_output
 from scripts.synthetic import SyntheticEchoSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,4 +127,39 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     torch.save(TCMN("lite", pretrained=False).state_dict(), path)
+    return path
+
+
+# ------------------------------------------------ shared by the reader, annotation and output tests
+def mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b).mean())
+
+
+def run_pipeline(video: Path, masks: list[Path], frames: list[int] | None, out: Path, overwrite: bool = False) -> None:
+    """What an inference entry point does with user inputs: stage outputs, read and validate, write labels."""
+    with staged_output(out, ["labels.nii.gz"], overwrite) as staging:
+        source = open_video(video)
+        annotations = read_annotations(masks, frames, source.info)
+        first = min(annotations)
+        with LabelSeriesWriter(staging / "labels.nii.gz", source.info) as writer:
+            for t, _ in enumerate(source):
+                writer.write(t, annotations[first])
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def assert_input_error(error: pytest.ExceptionInfo, path: Path, *words: str) -> None:
+    message = str(error.value)
+    assert str(path) in message, message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.fixture
+def clip_labels_png(tmp_path: Path, echo_clip) -> Path:
+    path = tmp_path / "mask.png"
+    Image.fromarray(echo_clip[1][0]).save(path)
     return path

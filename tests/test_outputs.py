@@ -16,13 +16,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import AFFINE, assert_input_error, run_pipeline
 from PIL import Image
 
 import scripts.outputs
 import scripts.staging
+from scripts.annotations import read_label_series
 from scripts.baselines import CopyFirstFrame
 from scripts.errors import InputError
-from scripts.outputs import LabelSeriesWriter, allocated_memmap
+from scripts.outputs import LabelSeriesWriter, allocated_memmap, write_png_labels
+from scripts.overlay import write_overlay
 from scripts.predict import Prediction
 from scripts.readers import open_video
 from scripts.staging import staged_output
@@ -317,3 +320,140 @@ def test_allocated_memmap_reserves_its_space_and_refuses_a_full_disk(tmp_path: P
     with pytest.raises(OSError) as err:
         allocated_memmap(small / "results.labels", (10, 256, 256))
     assert err.value.errno in (errno.ENOSPC, errno.EFBIG) and not (small / "results.labels").exists()
+
+
+# ------------------------------------------------------- label series, PNG labels and overlays
+# a rotated, offset, non-unit-spacing geometry, exact in float32 (a CT/MR volume's kind)
+OBLIQUE = np.array([[0.0, -0.7, 0.0, 10.5], [0.8, 0.0, 0.0, -3.0], [0.0, 0.0, 2.5, 7.25], [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    "name, make, zooms, units, codes, out_shape",
+    [
+        (
+            "volume",
+            lambda f: f[..., 0].transpose(2, 1, 0).astype(np.int16) - 500,
+            (0.8, 0.7, 2.5),
+            ("mm", "unknown"),
+            (1, 1),
+            (80, 64, 8),
+        ),
+        ("WxHxT", lambda f: f[..., 0].transpose(2, 1, 0), (0.5, 0.25, 0.04), ("mm", "sec"), (0, 2), (80, 64, 8)),
+        (
+            "WxHx1xT",
+            lambda f: f[..., 0].transpose(2, 1, 0)[:, :, None],
+            (0.5, 0.25, 1.0, 0.04),
+            ("mm", "sec"),
+            (0, 2),
+            (80, 64, 1, 8),
+        ),
+        ("WxHxTx3", lambda f: f.transpose(2, 1, 0, 3), (0.5, 0.25, 0.04, 1.0), ("mm", "sec"), (1, 0), (80, 64, 8)),
+    ],
+)
+def test_label_series_has_the_nifti_input_layout(tmp_path, smooth_clip, name, make, zooms, units, codes, out_shape):
+    """Same shape (less an RGB axis), affine, qform/sform codes, pixdims and units: the labels overlay in a viewer."""
+    affine = (OBLIQUE if name == "volume" else AFFINE).copy()
+    affine[:3, 2] *= zooms[2] / np.linalg.norm(affine[:3, 2])  # the qform's 3rd zoom is pixdim[3]
+    image = nib.Nifti1Image(make(smooth_clip), affine)
+    image.header.set_zooms(zooms)
+    image.header.set_qform(affine, codes[0])
+    image.header.set_sform(affine, codes[1])
+    image.header.set_xyzt_units(*units)
+    nib.save(image, tmp_path / f"{name}.nii.gz")
+    source = open_video(tmp_path / f"{name}.nii.gz")
+    labels = (np.stack(list(source))[..., 0] // 64).astype(np.uint8)
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", source.info) as writer:
+        for t in range(len(source)):
+            writer.write(t, labels[t])
+    given, written = nib.load(tmp_path / f"{name}.nii.gz"), nib.load(tmp_path / "labels.nii.gz")
+    assert (int(given.header["qform_code"]), int(given.header["sform_code"])) == codes
+    assert written.shape == out_shape and written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(written.affine, given.affine)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == codes
+    np.testing.assert_array_equal(written.header.get_zooms(), given.header.get_zooms()[: len(out_shape)])
+    assert written.header.get_xyzt_units() == units
+    np.testing.assert_array_equal(read_label_series(tmp_path / "labels.nii.gz"), labels)
+    again = open_video(tmp_path / "labels.nii.gz").info
+    assert (again.spacing, again.fps) == (source.info.spacing, source.info.fps)
+    assert source.info.fps == (25.0 if name == "WxHx1xT" else None)  # only a 4th axis is time for NIfTI
+
+
+def test_every_pixdim_of_a_nifti_input_is_kept(tmp_path, smooth_clip):
+    """A W×H×T file (dim[0] = 3) whose user stored the frame interval in pixdim[4], beyond its dimensions, and
+    values in pixdim[5..7]: the label series carries every pixdim as given."""
+    image = nib.Nifti1Image(smooth_clip[..., 0].transpose(2, 1, 0), AFFINE)
+    image.header["pixdim"][1:8] = (0.5, 0.25, 2.0, 0.04, 3.0, 5.0, 7.0)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, tmp_path / "clip.nii.gz")
+    source = open_video(tmp_path / "clip.nii.gz")
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", source.info) as writer:
+        for t in range(len(source)):
+            writer.write(t, np.zeros((source.info.height, source.info.width), np.uint8))
+    given, written = nib.load(tmp_path / "clip.nii.gz").header, nib.load(tmp_path / "labels.nii.gz").header
+    assert int(written["dim"][0]) == 3 and float(written["pixdim"][4]) == pytest.approx(0.04)
+    np.testing.assert_array_equal(written["pixdim"][1:8], given["pixdim"][1:8])
+
+
+def test_label_series_writer_keeps_the_input_geometry(clip_files, echo_clip, tmp_path):
+    info = open_video(clip_files["nifti"]).info
+    with LabelSeriesWriter(tmp_path / "labels.nii.gz", info) as writer:
+        for t in reversed(range(info.num_frames)):
+            writer.write(t, echo_clip[1][t])
+    np.testing.assert_array_equal(read_label_series(tmp_path / "labels.nii.gz"), echo_clip[1])
+    written = open_video(tmp_path / "labels.nii.gz").info
+    np.testing.assert_array_equal(written.affine, info.affine)
+    assert (written.spacing, written.fps, written.num_frames) == (info.spacing, info.fps, info.num_frames)
+    assert nib.load(tmp_path / "labels.nii.gz").get_data_dtype() == np.uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]  # the memmap buffer is gone
+
+
+def test_label_series_writer_refuses_missing_frames(clip_files, tmp_path):
+    writer = LabelSeriesWriter(tmp_path / "labels.nii", open_video(clip_files["frames"]).info)
+    writer.write(0, np.ones((64, 80), np.uint8))
+    with pytest.raises(ValueError, match="7 frames were never written"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_labels_are_exact(echo_clip, tmp_path):
+    for t in (0, 7):
+        path = write_png_labels(tmp_path, t, echo_clip[1][t])
+        with Image.open(path) as image:
+            assert path.name == f"0000{t}.png" and image.mode == "L"
+    np.testing.assert_array_equal(read_label_series(tmp_path), echo_clip[1][[0, 7]])
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_overlay_has_one_frame_per_input_frame(clip_files, echo_clip, tmp_path, suffix):
+    source = open_video(clip_files["frames"])
+    write_overlay(tmp_path / f"overlay{suffix}", source, echo_clip[1])
+    if suffix == ".mp4":
+        assert len(open_video(tmp_path / "overlay.mp4")) == len(source)
+    else:
+        with Image.open(tmp_path / "overlay.gif") as gif:
+            assert gif.n_frames == len(source)
+            gif.seek(5)
+            frame = np.asarray(gif.convert("RGB"))
+        cavity = echo_clip[1][5] == 1
+        assert frame[cavity][:, 0].mean() > source[5][cavity][:, 0].mean() + 20  # tinted red (label 1)
+
+
+def test_output_directory_with_results(clip_files, tmp_path, clip_labels_png):
+    """Only the job's own output name is refused or replaced; the user's other files stay as they are."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's notes")
+    run_pipeline(clip_files["frames"], [clip_labels_png], None, out)  # a folder holding other files is fine
+    assert sorted(os.listdir(out)) == ["labels.nii.gz", "notes.txt"]
+    (out / "labels.nii.gz").write_bytes(b"previous run")
+    with pytest.raises(InputError) as error:
+        run_pipeline(clip_files["frames"], [clip_labels_png], None, out)
+    assert_input_error(error, out, "already holds results", "labels.nii.gz")
+    with pytest.raises(InputError):  # overwrite, but the run fails: the old results stay
+        run_pipeline(clip_files["frames"], [tmp_path / "absent.png"], None, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["labels.nii.gz", "notes.txt"]
+    assert (out / "labels.nii.gz").read_bytes() == b"previous run"
+    run_pipeline(clip_files["frames"], [clip_labels_png], None, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["labels.nii.gz", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "the user's notes"
+    assert read_label_series(out / "labels.nii.gz").shape == (8, 64, 80)
