@@ -256,3 +256,32 @@ def test_training_decodes_frames_through_the_readers(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="00001.png: unreadable image"):
         for i in range(20):
             ClipDataset([seq], num_frames=3, crop_size=32, cache=False)[i]
+
+
+def test_dataset_weights_set_each_datasets_share_of_clips(sequences: list[Sequence]) -> None:
+    class Recording(ClipDataset):
+        def _read(self, path: Path, label: bool) -> np.ndarray:
+            self.seen.append(path.parents[2].name)  # <root>/Annotations/<seq>/NNNNN.png: the dataset's folder
+            return super()._read(path, label)
+
+    def share_of_dsa(weights: str | None) -> float:
+        dataset = Recording(sequences, crop_size=24, seed=1, dataset_weights=weights)
+        picks = []
+        for i in range(300):
+            dataset.seen = []
+            dataset[i]
+            picks.append(dataset.seen[0])
+        return picks.count("dsa") / len(picks)
+
+    assert abs(share_of_dsa("dsa=3,dsb=1") - 0.75) < 0.07
+    assert abs(share_of_dsa(None) - 0.5) < 0.08
+    assert share_of_dsa("dsb=0") == 1.0
+    assert data.parse_dataset_weights(" vocalfolds=2, davis2016=0.5 ") == {"vocalfolds": 2.0, "davis2016": 0.5}
+    assert data.parse_dataset_weights("") == {}
+    for bad in ("vocalfolds", "vocalfolds=-1", "=2", "vocalfolds=x", "vocalfolds=nan"):
+        with pytest.raises(InputError, match="--dataset_weights"):
+            data.parse_dataset_weights(bad)
+    with pytest.raises(InputError, match="kvasir is not a training dataset"):
+        ClipDataset(sequences, dataset_weights="kvasir=2")
+    with pytest.raises(InputError, match="above 0"):
+        ClipDataset(sequences, dataset_weights="dsa=0,dsb=0")

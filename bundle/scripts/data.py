@@ -50,6 +50,7 @@ __all__ = [
     "remap_objects",
     "load_split",
     "clip_transforms",
+    "parse_dataset_weights",
 ]
 
 CROP_TRIES = 5  # crops tried before dropping objects that fell outside the first frame
@@ -158,6 +159,28 @@ def store(storage_transforms: Compose | None, image: torch.Tensor, rng: np.rando
     return convert_to_tensor(storage_transforms({"image": image})["image"], track_meta=False).float().clamp(0, 1)
 
 
+def parse_dataset_weights(text: str) -> dict[str, float]:
+    """``"vocalfolds=2,davis2016=0.5"`` → ``{"vocalfolds": 2.0, "davis2016": 0.5}``; ``""`` → ``{}`` (equal shares).
+
+    The `--dataset_weights` flag: a dataset's share of clips is its weight over the sum of the weights, a dataset not
+    named weighs 1. Why a flag: a small dataset (vocalfolds, 4 training videos) erodes when a large one is added at
+    an equal share (training_log.md, session 6), and the remedy is a share, not a config edit.
+    """
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in str(text or "").split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name.strip() or not math.isfinite(weight) or weight < 0:
+            raise InputError(
+                f"--dataset_weights: {item!r} is not NAME=WEIGHT with a weight >= 0 (e.g. vocalfolds=2,davis2016=0.5)"
+            )
+        weights[name.strip()] = weight
+    return weights
+
+
 def remap_objects(label: torch.Tensor, objects: Iterable[int]) -> torch.Tensor:
     """Label values → object numbers: ``objects[i]`` becomes i + 1, every other value 0 (background)."""
     objects = [int(k) for k in objects]
@@ -169,7 +192,8 @@ def remap_objects(label: torch.Tensor, objects: Iterable[int]) -> torch.Tensor:
 class ClipDataset(torch.utils.data.Dataset):
     """Random training clips: ``num_frames`` frames of one sequence with up to ``max_objects`` objects.
 
-    Each dataset gets an equal share of clips whatever its number of sequences, then sequences are drawn uniformly.
+    Each dataset gets a share of clips whatever its number of sequences (equal, or ``dataset_weights``: name →
+    weight, 1 for a dataset not named), then sequences are drawn uniformly.
     Item ``i`` draws all its randomness from ``(seed, i)``: the same pair gives the same clip, and DataLoader workers,
     which receive different indices, never repeat each other. Any ``i >= 0`` is valid, not only ``i < len``, so a
     sampler that offsets indices by ``epoch × len`` (``scripts.training.ResumableSampler``) gets new clips each epoch.
@@ -195,6 +219,7 @@ class ClipDataset(torch.utils.data.Dataset):
         cache: bool = True,
         transforms: Compose | None = None,
         storage_transforms: Compose | None = None,
+        dataset_weights: Mapping[str, float] | str | None = None,
     ) -> None:
         if not sequences:
             raise ValueError("ClipDataset needs at least one sequence (check the data roots and the split)")
@@ -204,6 +229,17 @@ class ClipDataset(torch.utils.data.Dataset):
         for s in sequences:
             self.by_dataset.setdefault(s.dataset, []).append(s)
         self.datasets = sorted(self.by_dataset)
+        weights = parse_dataset_weights(dataset_weights) if isinstance(dataset_weights, str) else dict(dataset_weights or {})
+        unknown = sorted(set(weights) - set(self.datasets))
+        if unknown:
+            raise InputError(
+                f"--dataset_weights: {', '.join(unknown)} is not a training dataset (have: {', '.join(self.datasets)})"
+            )
+        shares = np.array([weights.get(name, 1.0) for name in self.datasets], float)
+        if shares.sum() <= 0:
+            raise InputError("--dataset_weights: at least one dataset needs a weight above 0")
+        # None keeps the equal-share draw of earlier runs, so their clips (and resumed runs) stay the same
+        self.shares = shares / shares.sum() if weights else None
         self.num_frames, self.max_gap, self.max_objects = num_frames, max_gap, max_objects
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.transforms = transforms or clip_transforms(crop_size)
@@ -259,7 +295,8 @@ class ClipDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
         for _ in range(CLIP_TRIES):
-            sequences = self.by_dataset[self.datasets[rng.integers(len(self.datasets))]]
+            pick = rng.integers(len(self.datasets)) if self.shares is None else rng.choice(len(self.datasets), p=self.shares)
+            sequences = self.by_dataset[self.datasets[pick]]
             seq = sequences[rng.integers(len(sequences))]
             indices = self._frame_indices(rng, len(seq.frames))
             labels = np.stack([self._read(seq.masks[i], label=True) for i in indices])
