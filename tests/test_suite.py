@@ -76,6 +76,19 @@ def test_verdict_refuses_a_set_falling_beyond_its_interval() -> None:
     assert verdict["falling_sets"] == ["vocalfolds_val@avi"]
 
 
+def test_verdict_small_sets_veto_only_beyond_the_tolerance() -> None:
+    """Rule v2: a 2-sequence set's interval is the span of two differences; it vetoes only past 0.03 J&F."""
+    medical = diff(0.05, 0.02, 0.08)
+    small = {"cvc_val": diff(0.06, 0.03, 0.09), "vocalfolds_val": diff(-0.026, -0.038, -0.015)}
+    sizes = {"cvc_val": 5, "vocalfolds_val": 2}
+    assert shipping_verdict(small, medical, sizes)["ships"]
+    assert not shipping_verdict(small, medical)["ships"]  # sizes unknown: the interval rule
+    small["vocalfolds_val"] = diff(-0.031, -0.04, 0.02)  # beyond the tolerance, even with an interval across 0
+    verdict = shipping_verdict(small, medical, sizes)
+    assert not verdict["ships"] and verdict["falling_sets"] == ["vocalfolds_val"]
+    assert "falls by 0.031 (> 0.03 allowed a set of 2 sequences)" in verdict["reason"]
+
+
 def metrics_of(scores: dict[str, dict[str, float]]) -> dict:
     """A metrics.json of several roots with the given per-sequence J&F (one object each)."""
     return {

@@ -21,6 +21,13 @@ difference of the medical mean lies wholly above zero (its lower end > 0: the ri
 uncertainty), and no evaluated set (medical, DAVIS and stored alike) has a paired 95 % interval of its difference
 wholly below zero (upper end < 0: a fall larger than its uncertainty). A set whose interval straddles zero neither
 counts for nor against. The rule is fixed before the run; the output states each part.
+
+Sets of fewer than ``SMALL_SET`` sequences (rule v2, fixed on 2026-12-04 before session 7's runs started): with two
+sequences (vocalfolds val and its stored copies) a paired bootstrap interval is only the span of two differences, so
+any fall shared by both videos, however small, lies "beyond its interval" (session 6: −0.005 on one set vetoed). Such a
+set vetoes when its paired difference falls by more than ``SMALL_SET_TOLERANCE`` J&F, the tolerance issue 20 sets for
+stored video; it still counts in the medical mean as before. Sets of ``SMALL_SET`` or more sequences keep the interval
+rule. Candidates scored before v2 keep their v1 verdicts.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from scripts.tools.suite_sets import SuiteSet
 LEVEL = 0.95
 RESAMPLES = 2000
 DROP_TARGET = 0.03  # issue 20: a stored set may lose at most this much J&F against the lossless frames
+SMALL_SET = 5  # fewer sequences than this: a paired interval says too little to veto on its own (rule v2)
+SMALL_SET_TOLERANCE = 0.03  # the fall a small set may show before it vetoes (rule v2)
 
 
 def bootstrap_means(values: np.ndarray, weights: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -66,16 +75,31 @@ def estimate(
     return {"J&F": point, "interval": [low, high]}
 
 
-def shipping_verdict(differences: Mapping[str, Mapping], medical: Mapping) -> dict:
-    """The shipping rule (module docstring) on paired differences ``{"J&F": d, "interval": [low, high]}``."""
+def falls(difference: Mapping, num_sequences: int) -> bool:
+    """Whether a set's paired difference vetoes: beyond its interval, or for a small set beyond the tolerance."""
+    if num_sequences < SMALL_SET:
+        return difference["J&F"] < -SMALL_SET_TOLERANCE
+    return difference["interval"][1] < 0
+
+
+def shipping_verdict(
+    differences: Mapping[str, Mapping], medical: Mapping, sizes: Mapping[str, int] | None = None
+) -> dict:
+    """The shipping rule (module docstring) on paired differences ``{"J&F": d, "interval": [low, high]}``;
+    ``sizes`` gives each set's number of sequences (a set not given counts as large)."""
+    sizes = sizes or {}
     rises = medical["interval"][0] > 0
-    falling = sorted(name for name, d in differences.items() if d["interval"][1] < 0)
+    falling = sorted(name for name, d in differences.items() if falls(d, sizes.get(name, SMALL_SET)))
     if rises and not falling:
         reason = "the medical mean rises beyond its interval and no set falls beyond its own"
     else:
         parts = [] if rises else [f"the medical mean's interval {show_interval(medical['interval'])} is not above 0"]
         parts += [
-            f"{name} falls beyond its interval {show_interval(differences[name]['interval'])}" for name in falling
+            f"{name} falls by {-differences[name]['J&F']:.3f} (> {SMALL_SET_TOLERANCE} allowed a set of "
+            f"{sizes[name]} sequences)"
+            if sizes.get(name, SMALL_SET) < SMALL_SET
+            else f"{name} falls beyond its interval {show_interval(differences[name]['interval'])}"
+            for name in falling
         ]
         reason = "; ".join(parts)
     return {"ships": rises and not falling, "medical_rises": rises, "falling_sets": falling, "reason": reason}
@@ -138,7 +162,8 @@ def summarise(
     if len(sides) == 2:
         differences = {name: entry["difference"] for name, entry in report["sets"].items()}
         if medical:
-            report["verdict"] = shipping_verdict(differences, report["medical_mean"]["difference"])
+            sizes = {name: entry["num_sequences"] for name, entry in report["sets"].items()}
+            report["verdict"] = shipping_verdict(differences, report["medical_mean"]["difference"], sizes)
         else:
             report["verdict"] = {"ships": False, "reason": "no medical set was evaluated"}
     return report
