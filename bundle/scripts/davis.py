@@ -67,12 +67,26 @@ def annotation_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png"), key=natural_key)
 
 
-def scan_root(root: Path) -> list[Sequence]:
-    """List the sequences of one DAVIS root, checking that every frame has its label map."""
-    images, annotations = root / "JPEGImages", root / "Annotations"
-    for folder in (images, annotations):
+def check_layout(root: str | Path) -> None:
+    """Refuse a root without ``JPEGImages/`` and ``Annotations/`` (one line naming the missing folder)."""
+    for folder in (Path(root) / "JPEGImages", Path(root) / "Annotations"):
         if not folder.is_dir():
             raise InputError(f"{folder}: missing; a data root needs JPEGImages/ and Annotations/ (DAVIS layout)")
+
+
+def check_roots(roots: str | Path | Iterable[str | Path]) -> None:
+    """`check_layout` on every root of a ``--dataset_dir`` value, so a job refuses a wrong root before it writes
+    anything (training would otherwise generate its synthetic echo set first)."""
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    for root in (r.strip() for root in roots for r in str(root).split(",") if r.strip()):
+        check_layout(root)
+
+
+def scan_root(root: Path) -> list[Sequence]:
+    """List the sequences of one DAVIS root, checking that every frame has its label map."""
+    check_layout(root)
+    images, annotations = root / "JPEGImages", root / "Annotations"
     sequences = []
     for seq_dir in sequence_folders(images):
         frames = frame_files(seq_dir)
