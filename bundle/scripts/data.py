@@ -229,7 +229,9 @@ class ClipDataset(torch.utils.data.Dataset):
         for s in sequences:
             self.by_dataset.setdefault(s.dataset, []).append(s)
         self.datasets = sorted(self.by_dataset)
-        weights = parse_dataset_weights(dataset_weights) if isinstance(dataset_weights, str) else dict(dataset_weights or {})
+        weights = (
+            parse_dataset_weights(dataset_weights) if isinstance(dataset_weights, str) else dict(dataset_weights or {})
+        )
         unknown = sorted(set(weights) - set(self.datasets))
         if unknown:
             raise InputError(
@@ -295,7 +297,11 @@ class ClipDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
         for _ in range(CLIP_TRIES):
-            pick = rng.integers(len(self.datasets)) if self.shares is None else rng.choice(len(self.datasets), p=self.shares)
+            pick = (
+                rng.integers(len(self.datasets))
+                if self.shares is None
+                else rng.choice(len(self.datasets), p=self.shares)
+            )
             sequences = self.by_dataset[self.datasets[pick]]
             seq = sequences[rng.integers(len(sequences))]
             indices = self._frame_indices(rng, len(seq.frames))

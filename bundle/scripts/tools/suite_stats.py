@@ -95,10 +95,12 @@ def shipping_verdict(
     else:
         parts = [] if rises else [f"the medical mean's interval {show_interval(medical['interval'])} is not above 0"]
         parts += [
-            f"{name} falls by {-differences[name]['J&F']:.3f} (> {SMALL_SET_TOLERANCE} allowed a set of "
-            f"{sizes[name]} sequences)"
-            if sizes.get(name, SMALL_SET) < SMALL_SET
-            else f"{name} falls beyond its interval {show_interval(differences[name]['interval'])}"
+            (
+                f"{name} falls by {-differences[name]['J&F']:.3f} (> {SMALL_SET_TOLERANCE} allowed a set of "
+                f"{sizes[name]} sequences)"
+                if sizes.get(name, SMALL_SET) < SMALL_SET
+                else f"{name} falls beyond its interval {show_interval(differences[name]['interval'])}"
+            )
             for name in falling
         ]
         reason = "; ".join(parts)
