@@ -6,6 +6,7 @@ without importing NIfTI, DICOM or video code.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from types import TracebackType
@@ -21,6 +22,14 @@ INTERRUPTED_DEFAULT = "interrupted, nothing written"
 
 class InputError(ValueError):
     """A user-supplied file or directory cannot be used; the message names it and says why."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the developer tools, ending a bad command line in one ``error:`` line as the bundle's jobs do
+    (argparse prints the usage too)."""
+
+    def error(self, message: str) -> None:
+        raise SystemExit(f"error: {message}")
 
 
 _previous_excepthook = sys.excepthook

@@ -383,13 +383,12 @@ class TCMN(nn.Module):
         return torch.cat([first[:, None], logits], dim=1).transpose(1, 2)
 
 
-def load_network_weights(network: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load ``path`` into ``network``, which it returns: a network state dict (``model.pt``, ``model_best.pt``) or a
-    checkpoint written by training (``checkpoint_final.pt``, ``checkpoint_iteration=N.pt``), whose ``network``
-    entry is one, so a run can be tried before any validation wrote ``model_best.pt``.
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The network state dict in ``path``: a plain one (``model.pt``, ``model_best.pt``, ``model_ema.pt``) or the
+    ``network`` entry of a checkpoint written by training (``checkpoint_final.pt``, ``checkpoint_iteration=N.pt``).
 
-    Only tensors and plain containers are unpickled (``weights_only=True``). Keys and shapes are compared before
-    loading, so weights of the other variant are refused with a hint instead of PyTorch's list of every key.
+    Only tensors and plain containers are unpickled (``weights_only=True``); anything else is an `InputError` naming
+    the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -407,6 +406,15 @@ def load_network_weights(network: nn.Module, path: str | Path, map_location: str
             f"{path}: holds a {type(state).__name__} that is neither a network state dict nor a training "
             "checkpoint with a 'network' entry"
         )
+    return dict(state)
+
+
+def load_network_weights(network: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load ``path`` (as `read_state_dict` reads it) into ``network``, which it returns, so a run can be tried before
+    any validation wrote ``model_best.pt``. Keys and shapes are compared before loading, so weights of the other
+    variant are refused with a hint instead of PyTorch's list of every key.
+    """
+    state = read_state_dict(path, map_location)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scripts.data import list_sequences, load_split
-from scripts.errors import InputError
+from scripts.errors import InputError, OneLineParser
 from scripts.flags import as_bool
 from scripts.staging import prepare_output_dir, staged_output
 from scripts.static_clips import HELD_OUT_EVERY
@@ -163,11 +163,6 @@ def markdown(report: Mapping) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, as the bundle's jobs end (argparse prints the usage too)
-        raise SystemExit(f"error: {message}")
-
-
 def _sets(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETS]
@@ -184,7 +179,7 @@ def _positive(value: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m scripts.tools.suite", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m scripts.tools.suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", type=Path, default=BUNDLE / "models" / "model.pt", help="the weights scored")
     parser.add_argument(
         "--compare",
