@@ -10,6 +10,8 @@
 #      over inference.json; the suite's held-out and stored sets would have to be generated there too, which does not
 #      fit): a first look only. The judgement is the suite on the CPU machine, on the returned weights:
 #      python -m scripts.tools.suite --ckpt_path lite_video_ema_fp16.pt --compare bundle/models/model.pt --output_dir ..
+#      and, as 0.6.0 was made, the half-and-half mix of the returned weights with the shipped ones (WiSE-FT):
+#      python -m scripts.tools.average_weights bundle/models/model.pt lite_video_ema_fp16.pt --output wise.pt
 # Files in $OUT (at most 8 come back, 16 MiB each, 64 MiB together; this writes 6, each file appears by a rename, so a
 # run cut at any moment leaves only whole files, plus at most one partial *.part):
 #   lite_static_ema_fp16.pt, lite_static_raw_fp16.pt   written the moment stage 1 ends (fp16 state dicts, ~3 MB each)
