@@ -31,6 +31,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         raise SystemExit(f"error: {message}")
 
+    def check_output_file(self, flag: str, path: os.PathLike, overwrite: bool) -> None:
+        """A file the tool will write: its folder exists, and an existing file is replaced only when asked."""
+        path = os.fspath(path)
+        if os.path.exists(path) and not overwrite:
+            self.error(f"{flag} {path}: exists; add --overwrite to replace it")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            self.error(f"{flag} {path}: no folder {os.path.dirname(path) or '.'}")
+
 
 _previous_excepthook = sys.excepthook
 _state = {"debug": False, "interrupted": INTERRUPTED_DEFAULT}

@@ -78,10 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{path}: no such file")
         if args.output.exists() and path.resolve() == args.output.resolve():
             parser.error(f"--output {args.output}: is one of the inputs")
-    if args.output.exists() and not args.overwrite:
-        parser.error(f"--output {args.output}: exists; add --overwrite to replace it")
-    if not args.output.parent.is_dir():
-        parser.error(f"--output {args.output}: no folder {args.output.parent}")
+    parser.check_output_file("--output", args.output, args.overwrite)
     return args
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from scripts import prepare_job
-from scripts.errors import InputError
+from scripts.errors import InputError, OneLineParser
 from scripts.int8 import FLOAT_NODES, INT8_STEPS, Int8Calibration, quiet_quantizer, weights_digest
 
 FRAMES_PER_SEQUENCE = 5
@@ -175,7 +175,7 @@ def calibrate(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bundle = Path(__file__).resolve().parents[2]
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m scripts.tools.quantize",
         description="Write the int8 calibration file of --runtime onnxruntime --quantized FILE: activation ranges of "
         "the key encoder's and decoder's graphs, measured on the training sequences of --dataset_dir.",
@@ -204,10 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.frames_per_sequence < 1:
         parser.error(f"--frames_per_sequence {args.frames_per_sequence}: a positive integer")
-    if args.output.exists() and not args.overwrite:
-        parser.error(f"--output {args.output}: exists; add --overwrite to replace it")
-    if not args.output.parent.is_dir():
-        parser.error(f"--output {args.output}: no folder {args.output.parent}")
+    parser.check_output_file("--output", args.output, args.overwrite)
     return args
 
 
